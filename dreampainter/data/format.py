@@ -1,0 +1,121 @@
+"""The DreamEcom shard format: member names, the sample record and the shard-set index.
+
+A shard is a plain tar file (WebDataset layout). One sample is a group of members sharing a key:
+
+=====================  ============================================================
+``<key>.jpg|png|webp``  the product photo (RGB)
+``<key>.mask.png``      the product mask: 8-bit, 255 = product, same size as the photo
+``<key>.ref.jpg|...``   the background reference image (any size)
+``<key>.json``          ``{"prompt": str, "prompt_zh": str?, "category": str?, ...}``
+=====================  ============================================================
+
+Beside the shards, ``index.json`` lists every shard with its sample count, size and sha256, so that
+epoch length and resume positions are exact (see ``docs/data_format.md``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dreampainter.errors import InvalidInputError, MissingFileError
+
+INDEX_FILENAME = "index.json"
+INDEX_FORMAT = "dreamecom-shards"
+INDEX_VERSION = 1
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+PHOTO_EXTENSIONS = IMAGE_EXTENSIONS
+MASK_EXTENSION = "mask.png"
+REFERENCE_EXTENSIONS = tuple(f"ref.{ext}" for ext in IMAGE_EXTENSIONS)
+META_EXTENSION = "json"
+
+
+@dataclass
+class EncodedSample:
+    """One sample as encoded bytes, ready to be written to a shard.
+
+    ``photo_ext`` / ``reference_ext`` are bare image extensions (``"jpg"``, ``"png"``, ``"webp"``);
+    the reference member is written as ``<key>.ref.<reference_ext>``.
+    """
+
+    key: str
+    photo: bytes
+    photo_ext: str
+    mask: bytes
+    reference: bytes
+    reference_ext: str
+    meta: dict[str, Any]
+
+    def members(self) -> dict[str, bytes]:
+        """Member suffix -> bytes, in the order they are written to the tar."""
+        return {
+            self.photo_ext: self.photo,
+            MASK_EXTENSION: self.mask,
+            f"ref.{self.reference_ext}": self.reference,
+            META_EXTENSION: json.dumps(self.meta, ensure_ascii=False, sort_keys=True).encode("utf-8"),
+        }
+
+
+@dataclass
+class ShardInfo:
+    """One shard of a shard set, as listed in ``index.json``."""
+
+    name: str
+    num_samples: int
+    num_bytes: int
+    sha256: str
+
+
+@dataclass
+class ShardIndex:
+    """The index of a shard set: shard names (relative to the index), counts and checksums."""
+
+    shards: list[ShardInfo] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(shard.num_samples for shard in self.shards)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": INDEX_FORMAT,
+            "version": INDEX_VERSION,
+            "num_samples": self.num_samples,
+            "shards": [asdict(shard) for shard in self.shards],
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], source: str = "index.json") -> ShardIndex:
+        if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
+            raise InvalidInputError(f"{source}: not a DreamEcom shard index (expected format '{INDEX_FORMAT}')")
+        try:
+            shards = [ShardInfo(**shard) for shard in data["shards"]]
+        except (KeyError, TypeError) as error:
+            raise InvalidInputError(f"{source}: malformed shard list ({error})") from None
+        return cls(shards=shards, meta=dict(data.get("meta", {})))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write atomically: a temporary file renamed over ``path``."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ShardIndex:
+        path = Path(path)
+        if path.is_dir():
+            path = path / INDEX_FILENAME
+        if not path.exists():
+            raise MissingFileError(f"shard index not found: {path}")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise InvalidInputError(f"{path}: invalid JSON ({error.msg} at line {error.lineno})") from None
+        return cls.from_json(data, source=str(path))
