@@ -145,3 +145,82 @@ def build_clip_tokenizer(folder: str | os.PathLike) -> CLIPTokenizer:
     """A ``CLIPTokenizer`` with the real CLIP vocabulary; its files are written to ``folder``."""
     folder = write_clip_tokenizer_files(folder)
     return CLIPTokenizer.from_pretrained(str(folder), model_max_length=CLIP_CONTEXT_LENGTH)
+
+
+# ---------------------------------------------------------------------------- reference encoders
+TINY_OPEN_CLIP_NAME = "dreampainter-tiny-vit"
+TINY_OPEN_CLIP_CONFIG = {
+    "embed_dim": 24,
+    "vision_cfg": {"image_size": 32, "layers": 3, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": CLIP_VOCAB_SIZE, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def tiny_clip_vision_config(image_size: int = 32):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=8,
+        projection_dim=24,
+    )
+
+
+def build_tiny_reference_encoder(backend: str = "transformers", seed: int = 0, resize_mode: str = "pad"):
+    """A tiny random CLIP vision tower (image 32 px, 17 tokens of width 32, embedding 24) as a ReferenceEncoder."""
+    from dreampainter.models.reference_encoder import ReferenceEncoder
+
+    torch.manual_seed(seed)
+    if backend == "transformers":
+        config = tiny_clip_vision_config().to_dict()
+        model_config = {k: v for k, v in config.items() if k not in ("architectures", "transformers_version")}
+        return ReferenceEncoder(backend=backend, model_config=model_config, image_size=32, resize_mode=resize_mode)
+    model_config = {"embed_dim": 24, "vision_cfg": dict(TINY_OPEN_CLIP_CONFIG["vision_cfg"]), "quick_gelu": False}
+    return ReferenceEncoder(backend=backend, model_config=model_config, image_size=32, resize_mode=resize_mode)
+
+
+def register_tiny_open_clip_config(folder: str | os.PathLike) -> str:
+    """Register the tiny open_clip architecture under ``TINY_OPEN_CLIP_NAME`` (writes its JSON to ``folder``)."""
+    import open_clip
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{TINY_OPEN_CLIP_NAME}.json").write_text(json.dumps(TINY_OPEN_CLIP_CONFIG))
+    if open_clip.get_model_config(TINY_OPEN_CLIP_NAME) is None:
+        open_clip.add_model_config(folder)
+    return TINY_OPEN_CLIP_NAME
+
+
+def write_tiny_open_clip_checkpoint(folder: str | os.PathLike, seed: int = 0, safetensors: bool = False) -> tuple[str, Path]:
+    """A whole tiny open_clip CLIP (text tower too) saved like a real open_clip checkpoint file.
+
+    Returns ``(model_name, path)`` for ``ReferenceEncoder.from_open_clip`` / ``open_clip.create_model``.
+    """
+    import open_clip
+
+    name = register_tiny_open_clip_config(Path(folder) / "open_clip_configs")
+    torch.manual_seed(seed)
+    model = open_clip.create_model(name, pretrained=None)
+    if safetensors:
+        from safetensors.torch import save_file
+
+        path = Path(folder) / "open_clip_model.safetensors"
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    else:
+        path = Path(folder) / "open_clip_pytorch_model.bin"
+        torch.save(model.state_dict(), path)
+    return name, path
+
+
+def write_tiny_clip_vision_folder(folder: str | os.PathLike, seed: int = 0) -> Path:
+    """A tiny ``CLIPVisionModelWithProjection`` saved with ``save_pretrained`` (config.json + safetensors)."""
+    from transformers import CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    model = CLIPVisionModelWithProjection(tiny_clip_vision_config())
+    model.save_pretrained(str(folder))
+    return Path(folder)

@@ -1,0 +1,251 @@
+"""Install the reference adapter (projection + decoupled cross-attention) into a diffusers UNet.
+
+After :func:`install_reference_adapter` the UNet is called as usual with one extra argument::
+
+    unet(sample, t, encoder_hidden_states=text_tokens,
+         added_cond_kwargs={"image_embeds": reference_features}).sample
+
+``reference_features`` are what the projection consumes (the encoder's global embedding for
+``"linear"``, its penultimate tokens for ``"resampler"``; :func:`reference_features` picks them). A
+row of all zeros means "no reference" and gives exactly the text-only output for that row.
+
+The wiring follows diffusers' own IP-Adapter path: the projection is the UNet's ``encoder_hid_proj``
+with ``encoder_hid_dim_type="ip_image_proj"``, which is the only way a diffusers UNet hands
+``image_embeds`` to its attention processors. Everything lives inside the UNet module, so DDP/FSDP
+wrap one module and ``unet.parameters()`` includes the adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.loaders.unet_loader_utils import _maybe_expand_lora_scales
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from torch import nn
+
+from dreampainter.errors import InvalidInputError
+from dreampainter.models.attention import DecoupledCrossAttnProcessor
+from dreampainter.models.projection import LinearProjection, ReferenceProjection, Resampler
+
+PROJECTIONS = ("linear", "resampler")
+ADAPTER_KEY_MARKERS = ("encoder_hid_proj.", ".processor.to_k_ref.", ".processor.to_v_ref.")
+
+
+@dataclass
+class AdapterConfig:
+    """What the reference adapter looks like.
+
+    ``image_embed_dim`` is the encoder's global-embedding size for ``"linear"`` (1024 for ViT-H-14)
+    and its hidden size for ``"resampler"`` (1280 for ViT-H-14). The public IP-Adapter SD1.5 files
+    are ``linear`` with 4 tokens and ``resampler`` with 16 tokens, depth 4, 12 heads of 64.
+    """
+
+    projection: str = "linear"
+    image_embed_dim: int = 1024
+    num_tokens: int = 4
+    scale: float = 1.0
+    resampler_dim: int | None = None
+    resampler_depth: int = 4
+    resampler_heads: int = 12
+    resampler_dim_head: int = 64
+    resampler_ff_mult: int = 4
+
+    def __post_init__(self) -> None:
+        if self.projection not in PROJECTIONS:
+            raise InvalidInputError(f"adapter projection must be one of {PROJECTIONS}, got {self.projection!r}")
+        for name in ("image_embed_dim", "num_tokens", "resampler_depth", "resampler_heads", "resampler_dim_head"):
+            if int(getattr(self, name)) <= 0:
+                raise InvalidInputError(f"adapter {name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def feature_type(self) -> str:
+        """``"global"`` (B, D) embeddings or ``"tokens"`` (B, T, C) penultimate hidden states."""
+        return "global" if self.projection == "linear" else "tokens"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "adapter config") -> AdapterConfig:
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InvalidInputError(f"{source}: unknown adapter config key(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+def _cross_attention_dim(unet: UNet2DConditionModel) -> int:
+    dim = unet.config.cross_attention_dim
+    if not isinstance(dim, int):
+        raise InvalidInputError(f"the reference adapter needs one cross_attention_dim for the whole UNet, got {dim}")
+    return dim
+
+
+def build_projection(config: AdapterConfig, cross_attention_dim: int) -> ReferenceProjection:
+    """The projection module described by ``config`` for a UNet with ``cross_attention_dim``."""
+    if config.projection == "linear":
+        return LinearProjection(config.image_embed_dim, cross_attention_dim, config.num_tokens)
+    return Resampler(
+        embedding_dim=config.image_embed_dim,
+        output_dim=cross_attention_dim,
+        dim=config.resampler_dim,
+        depth=config.resampler_depth,
+        dim_head=config.resampler_dim_head,
+        heads=config.resampler_heads,
+        num_tokens=config.num_tokens,
+        ff_mult=config.resampler_ff_mult,
+    )
+
+
+def cross_attention_layers(unet: nn.Module) -> dict[str, Attention]:
+    """Processor name -> cross-attention module, in the UNet's processor order (the IP-Adapter order)."""
+    layers = {}
+    for name in unet.attn_processors:
+        module = unet.get_submodule(name.removesuffix(".processor"))
+        if isinstance(module, Attention) and module.is_cross_attention:
+            layers[name] = module
+    return layers
+
+
+def has_reference_adapter(unet: nn.Module) -> bool:
+    return getattr(unet, "reference_adapter_config", None) is not None
+
+
+def get_adapter_config(unet: nn.Module) -> AdapterConfig:
+    if not has_reference_adapter(unet):
+        raise InvalidInputError("this UNet has no reference adapter installed (call install_reference_adapter)")
+    return unet.reference_adapter_config
+
+
+def install_reference_adapter(unet: UNet2DConditionModel, config: AdapterConfig) -> UNet2DConditionModel:
+    """Add the reference projection and a decoupled processor on every cross-attention layer, in place.
+
+    New ``to_k_ref`` / ``to_v_ref`` start as copies of each layer's ``to_k`` / ``to_v``; all adapter
+    parameters are float32 whatever the UNet's dtype. Self-attention processors are left as they are.
+    """
+    if has_reference_adapter(unet):
+        raise InvalidInputError("a reference adapter is already installed in this UNet; remove it first")
+    if unet.encoder_hid_proj is not None:
+        raise InvalidInputError(
+            f"this UNet already uses encoder_hid_proj ({unet.config.encoder_hid_dim_type}); "
+            "the reference adapter needs it for the reference tokens"
+        )
+    layers = cross_attention_layers(unet)
+    if not layers:
+        raise InvalidInputError("this UNet has no cross-attention layers to add a reference branch to")
+    processors = dict(unet.attn_processors)
+    for name, attn in layers.items():
+        processors[name] = DecoupledCrossAttnProcessor.from_attention(attn, scale=config.scale)
+    unet.set_attn_processor(processors)
+    device = next(unet.parameters()).device
+    unet.encoder_hid_proj = build_projection(config, _cross_attention_dim(unet)).to(device)
+    # Attribute, not dict entry: save_pretrained keeps writing the plain UNet's config (diffusers does the same).
+    unet.config.encoder_hid_dim_type = "ip_image_proj"
+    unet.reference_adapter_config = config
+    return unet
+
+
+def _detach_adapter(unet: UNet2DConditionModel) -> tuple[nn.Module, dict[str, nn.Module]]:
+    processors = dict(unet.attn_processors)
+    ours = {name: proc for name, proc in processors.items() if isinstance(proc, DecoupledCrossAttnProcessor)}
+    for name in ours:
+        processors[name] = AttnProcessor2_0()
+    unet.set_attn_processor(processors)
+    projection = unet.encoder_hid_proj
+    unet.encoder_hid_proj = None
+    unet.config.encoder_hid_dim_type = None
+    return projection, ours
+
+
+def remove_reference_adapter(unet: UNet2DConditionModel) -> UNet2DConditionModel:
+    """Undo :func:`install_reference_adapter`: the UNet computes exactly what it did before."""
+    get_adapter_config(unet)
+    _detach_adapter(unet)
+    unet.reference_adapter_config = None
+    return unet
+
+
+@contextlib.contextmanager
+def without_reference_adapter(unet: UNet2DConditionModel) -> Iterator[UNet2DConditionModel]:
+    """Temporarily detach the adapter (e.g. to ``save_pretrained`` a plain diffusers UNet), then reattach it."""
+    config = get_adapter_config(unet)
+    projection, ours = _detach_adapter(unet)
+    unet.reference_adapter_config = None
+    try:
+        yield unet
+    finally:
+        processors = dict(unet.attn_processors)
+        processors.update(ours)
+        unet.set_attn_processor(processors)
+        unet.encoder_hid_proj = projection
+        unet.config.encoder_hid_dim_type = "ip_image_proj"
+        unet.reference_adapter_config = config
+
+
+def reference_processors(unet: nn.Module) -> dict[str, DecoupledCrossAttnProcessor]:
+    return {name: p for name, p in unet.attn_processors.items() if isinstance(p, DecoupledCrossAttnProcessor)}
+
+
+def set_reference_scale(unet: UNet2DConditionModel, scale: float | dict) -> None:
+    """Set the attention-level reference scale globally (a float) or per block (diffusers' dict form).
+
+    The dict form is that of ``set_ip_adapter_scale``, e.g. ``{"down": {"block_2": [0.0, 1.0]},
+    "up": {"block_0": [0.0, 1.0, 0.0]}}``; layers not named get 0, as in diffusers.
+    """
+    processors = reference_processors(unet)
+    if not processors:
+        raise InvalidInputError("this UNet has no reference adapter installed (call install_reference_adapter)")
+    if not isinstance(scale, dict):
+        for processor in processors.values():
+            processor.scale = float(scale)
+        return
+    (expanded,) = _maybe_expand_lora_scales(unet, [scale], default_scale=0.0)
+    for name, processor in processors.items():
+        processor.scale = 0.0
+        for prefix, value in expanded.items():
+            if name.startswith(prefix):
+                processor.scale = float(value)
+
+
+def adapter_parameter_names(unet: nn.Module) -> list[str]:
+    return [name for name, _ in unet.named_parameters() if any(m in name for m in ADAPTER_KEY_MARKERS)]
+
+
+def adapter_parameters(unet: nn.Module) -> list[nn.Parameter]:
+    """The trainable reference-adapter parameters (projection + every to_k_ref / to_v_ref)."""
+    return [p for name, p in unet.named_parameters() if any(m in name for m in ADAPTER_KEY_MARKERS)]
+
+
+def adapter_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, keyed by their names inside the UNet."""
+    return {k: v for k, v in unet.state_dict().items() if any(m in k for m in ADAPTER_KEY_MARKERS)}
+
+
+def cast_frozen_unet(unet: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast every UNet parameter and buffer to ``dtype`` except the adapter's, which stay float32."""
+    adapter = {id(p) for p in adapter_parameters(unet)}
+    for param in unet.parameters():
+        if id(param) not in adapter and param.is_floating_point():
+            param.data = param.data.to(dtype)
+    for module in unet.modules():
+        for key, buffer in module.named_buffers(recurse=False):
+            if buffer.is_floating_point():
+                module._buffers[key] = buffer.to(dtype)
+    return unet
+
+
+def reference_features(encoder_output: Any, config: AdapterConfig) -> torch.Tensor:
+    """Pick what the projection consumes from a :class:`ReferenceEncoderOutput`."""
+    return encoder_output.image_embeds if config.feature_type == "global" else encoder_output.hidden_states
+
+
+def drop_references(features: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """Zero the rows where ``drop`` is True: those rows become "no reference" (text only)."""
+    keep = (~drop.to(torch.bool)).to(features.dtype).reshape(-1, *([1] * (features.ndim - 1)))
+    return features * keep
