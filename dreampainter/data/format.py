@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,79 @@ class EncodedSample:
             f"ref.{self.reference_ext}": self.reference,
             META_EXTENSION: json.dumps(self.meta, ensure_ascii=False, sort_keys=True).encode("utf-8"),
         }
+
+    @classmethod
+    def from_members(cls, key: str, members: Mapping[str, bytes]) -> EncodedSample:
+        """Rebuild a sample from a shard's ``{suffix: bytes}`` group (see :func:`sample_member_problems`)."""
+        problems = sample_member_problems(key, members)
+        if problems:
+            raise InvalidInputError(f"sample {key}: " + "; ".join(problems))
+        photo_ext = find_photo_suffix(members)
+        reference_suffix = find_reference_suffix(members)
+        assert photo_ext is not None and reference_suffix is not None
+        return cls(
+            key=key,
+            photo=members[photo_ext],
+            photo_ext=photo_ext,
+            mask=members[MASK_EXTENSION],
+            reference=members[reference_suffix],
+            reference_ext=reference_suffix[len("ref.") :],
+            meta=parse_meta(key, members[META_EXTENSION]),
+        )
+
+
+def check_key(key: str) -> None:
+    """Raise :class:`InvalidInputError` unless ``key`` names a sample's members unambiguously.
+
+    Keys may contain ``/`` (WebDataset allows folders) but no dots, since the key ends at the first dot.
+    """
+    if not isinstance(key, str) or not key:
+        raise InvalidInputError(f"sample key {key!r}: must be a non-empty string")
+    if "." in key or "\\" in key or any(ord(char) < 32 for char in key):
+        raise InvalidInputError(f"sample key {key!r}: must not contain dots, backslashes or control characters")
+    if key.startswith("/") or key.endswith("/") or "//" in key:
+        raise InvalidInputError(f"sample key {key!r}: must be a relative path without empty parts")
+
+
+def find_photo_suffix(members: Mapping[str, bytes]) -> str | None:
+    """The suffix of the photo member (``jpg``, ``png``, ...) or None; the first by extension order."""
+    return next((ext for ext in PHOTO_EXTENSIONS if ext in members), None)
+
+
+def find_reference_suffix(members: Mapping[str, bytes]) -> str | None:
+    """The suffix of the reference member (``ref.jpg``, ...) or None."""
+    return next((ext for ext in REFERENCE_EXTENSIONS if ext in members), None)
+
+
+def sample_member_problems(key: str, members: Mapping[str, bytes]) -> list[str]:
+    """What is missing or ambiguous in a sample's members (empty when the sample is complete)."""
+    problems = []
+    photos = [ext for ext in PHOTO_EXTENSIONS if ext in members]
+    references = [ext for ext in REFERENCE_EXTENSIONS if ext in members]
+    if not photos:
+        problems.append(f"missing member {key}.jpg|png|webp (the photo)")
+    elif len(photos) > 1:
+        problems.append(f"several photo members: {', '.join(f'{key}.{ext}' for ext in photos)}")
+    if MASK_EXTENSION not in members:
+        problems.append(f"missing member {key}.{MASK_EXTENSION} (the product mask)")
+    if not references:
+        problems.append(f"missing member {key}.ref.jpg|png|webp (the reference)")
+    elif len(references) > 1:
+        problems.append(f"several reference members: {', '.join(f'{key}.{ext}' for ext in references)}")
+    if META_EXTENSION not in members:
+        problems.append(f"missing member {key}.{META_EXTENSION} (the prompt record)")
+    return problems
+
+
+def parse_meta(key: str, data: bytes) -> dict[str, Any]:
+    """Decode a ``<key>.json`` member to a dict; raises :class:`InvalidInputError` when it is not one."""
+    try:
+        meta = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InvalidInputError(f"{key}.{META_EXTENSION}: invalid JSON ({error})") from None
+    if not isinstance(meta, dict):
+        raise InvalidInputError(f"{key}.{META_EXTENSION}: expected a JSON object, got {type(meta).__name__}")
+    return meta
 
 
 @dataclass

@@ -1,0 +1,106 @@
+"""``dreampainter data``: write shards from a catalogue, validate shards, generate toy data."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dreampainter.errors import DreamPainterError
+
+
+def _write_shards(args: argparse.Namespace) -> int:
+    from dreampainter.data.writer import write_shards_from_manifest
+
+    index, report = write_shards_from_manifest(
+        args.manifest,
+        args.out,
+        workers=args.workers,
+        on_error=args.on_error,
+        reencode=args.reencode,
+        max_side=args.max_side,
+        jpeg_quality=args.jpeg_quality,
+        max_samples_per_shard=args.samples_per_shard,
+        max_bytes=args.max_bytes,
+        prefix=args.prefix,
+        progress=not args.quiet,
+        overwrite=args.overwrite,
+    )
+    print(report.summary())
+    print(f"wrote {index.num_samples} samples in {len(index.shards)} shards to {args.out}")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from dreampainter.data.validate import validate_shards
+
+    report = validate_shards(args.shards, progress=not args.quiet, workers=args.workers)
+    print(report.summary(max_listed=args.max_listed))
+    return 0 if report.ok else 1
+
+
+def _toy(args: argparse.Namespace) -> int:
+    try:
+        from dreampainter.data.toy import write_toy_dataset
+    except ImportError as error:
+        raise DreamPainterError(f"the toy data generator is not available ({error})") from None
+    write_toy_dataset(
+        args.out,
+        num=args.num,
+        seed=args.seed,
+        resolution=args.resolution,
+        workers=args.workers,
+    )
+    print(
+        f"wrote {args.num} toy samples (seed {args.seed}, {args.resolution} px) to {args.out}",
+        file=sys.stdout,
+    )
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("data", help="write, validate and generate DreamEcom shards")
+    commands = parser.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+
+    write = commands.add_parser(
+        "write-shards",
+        help="build tar shards + index.json from a JSONL/CSV manifest or a catalogue folder",
+        description="Build DreamEcom shards from a manifest (.jsonl/.csv) or a folder layout; see docs/data_format.md.",
+    )
+    write.add_argument("manifest", metavar="MANIFEST_OR_FOLDER")
+    write.add_argument("--out", required=True, help="output folder for the shards and index.json")
+    write.add_argument("--workers", type=int, default=1, help="worker processes reading and checking rows")
+    write.add_argument("--samples-per-shard", type=int, default=1000, help="maximum samples per shard")
+    write.add_argument("--max-bytes", type=int, default=None, help="maximum shard size in bytes")
+    write.add_argument("--prefix", default="shard", help="shard file name prefix (<prefix>-000000.tar)")
+    write.add_argument(
+        "--on-error", choices=("skip", "fail"), default="skip", help="what to do with bad rows"
+    )
+    write.add_argument("--reencode", action="store_true", help="re-encode photos and references as JPEG")
+    write.add_argument(
+        "--max-side", type=int, default=None, help="downscale images whose longer side exceeds PX"
+    )
+    write.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality when re-encoding")
+    write.add_argument("--overwrite", action="store_true", help="replace an existing shard set in --out")
+    write.add_argument("--quiet", action="store_true", help="no progress bar")
+    write.set_defaults(func=_write_shards)
+
+    validate = commands.add_parser(
+        "validate",
+        help="check every sample and the index of a shard set",
+        description="Check every sample and index.json; exit status 1 when anything is bad.",
+    )
+    validate.add_argument(
+        "shards", metavar="FOLDER_OR_INDEX", help="shard folder, its index.json, or one .tar"
+    )
+    validate.add_argument("--workers", type=int, default=1, help="shards read in parallel processes")
+    validate.add_argument("--max-listed", type=int, default=50, help="bad samples listed in the summary")
+    validate.add_argument("--quiet", action="store_true", help="no progress bar")
+    validate.set_defaults(func=_validate)
+
+    toy = commands.add_parser("toy", help="generate the procedural toy DreamEcom dataset")
+    toy.add_argument("--out", required=True, help="output folder")
+    toy.add_argument("--num", type=int, required=True, help="number of samples")
+    toy.add_argument("--seed", type=int, required=True, help="random seed")
+    toy.add_argument("--resolution", type=int, default=128, help="image side in pixels")
+    toy.add_argument("--workers", type=int, default=1, help="worker processes")
+    toy.set_defaults(func=_toy)
