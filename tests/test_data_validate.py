@@ -17,7 +17,8 @@ from dreampainter import cli
 from dreampainter.data.format import INDEX_FILENAME, EncodedSample, ShardIndex
 from dreampainter.data.tario import TarFormatError, TruncatedTarError, iter_tar_samples, member_bytes
 from dreampainter.data.validate import validate_shards
-from dreampainter.data.writer import write_shards
+from dreampainter.data.writer import index_shards, write_shards
+from dreampainter.errors import InvalidInputError
 
 
 def _encode(array: np.ndarray, fmt: str) -> bytes:
@@ -221,6 +222,19 @@ def test_shards_from_standard_tools_validate(tmp_path):
     assert (report.num_shards, report.num_samples, report.index_found) == (2, 3, False)
     assert _bad(report) == {"s002": "empty prompt"}
     assert report.problems[0].startswith(f"{INDEX_FILENAME} missing")
+    index = index_shards(wds_dir, progress=False)
+    assert [(shard.name, shard.num_samples) for shard in index.shards] == [
+        ("part-000000.tar", 2),
+        ("part-000001.tar", 1),
+    ]
+    report = validate_shards(wds_dir, progress=False)
+    assert report.index_found and not report.problems and _bad(report) == {"s002": "empty prompt"}
+    with pytest.raises(InvalidInputError, match="already exists"):
+        index_shards(wds_dir, progress=False)
+    data = (wds_dir / "part-000000.tar").read_bytes()
+    (wds_dir / "part-000000.tar").write_bytes(data[:3000])
+    with pytest.raises(InvalidInputError, match="cannot index part-000000.tar: .*truncated tar"):
+        index_shards(wds_dir, progress=False, overwrite=True)
 
     files = tmp_path / "files"
     files.mkdir()

@@ -373,3 +373,37 @@ def test_shards_are_readable_by_gnu_tar(tmp_path):
     names = [line.split()[-1] for line in listing.stdout.splitlines()]
     assert names[:4] == ["k0000.jpg", "k0000.mask.png", "k0000.ref.jpg", "k0000.json"]
     assert len(names) == 12 and not listing.stderr
+
+
+KILLED_WRITER = """
+import os, signal, sys
+import numpy as np
+from dreampainter.data.format import EncodedSample
+from dreampainter.data.writer import write_shards
+
+def samples():
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        if i == 5:
+            os.kill(os.getpid(), signal.SIGKILL)  # die mid-shard, like an OOM kill or a pre-empted node
+        yield EncodedSample(f"k{i}", rng.bytes(3000), "jpg", rng.bytes(700), rng.bytes(900), "jpg", {"prompt": "p"})
+
+write_shards(samples(), sys.argv[1], max_samples_per_shard=2, progress=False)
+"""
+
+
+def test_killed_run_leaves_only_complete_shards_and_no_index(tmp_path):
+    import signal
+    import sys
+
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(out)], capture_output=True)
+    assert result.returncode == -signal.SIGKILL
+    names = sorted(path.name for path in out.iterdir())
+    assert names == [".shard-000002.tar.partial", "shard-000000.tar", "shard-000001.tar"]
+    for name in ("shard-000000.tar", "shard-000001.tar"):  # complete, end marker included
+        assert len(list(iter_tar_samples(out / name))) == 2
+    report = validate_shards(out, progress=False)
+    assert not report.ok and report.problems[0].startswith(f"{INDEX_FILENAME} missing")
+    write_shards(_samples(1), out, progress=False)  # a rerun cleans up
+    assert sorted(path.name for path in out.iterdir()) == ["index.json", "shard-000000.tar"]

@@ -38,6 +38,14 @@ def _validate(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _index(args: argparse.Namespace) -> int:
+    from dreampainter.data.writer import index_shards
+
+    index = index_shards(args.folder, pattern=args.pattern, overwrite=args.overwrite, progress=not args.quiet)
+    print(f"indexed {len(index.shards)} shards, {index.num_samples} samples in {args.folder}")
+    return 0
+
+
 def _toy(args: argparse.Namespace) -> int:
     try:
         from dreampainter.data.toy import write_toy_dataset
@@ -96,6 +104,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     validate.add_argument("--max-listed", type=int, default=50, help="bad samples listed in the summary")
     validate.add_argument("--quiet", action="store_true", help="no progress bar")
     validate.set_defaults(func=_validate)
+
+    index = commands.add_parser(
+        "index",
+        help="write index.json for shards made by other tools (ShardWriter, tar)",
+        description="Count the samples of each shard and hash it, then write index.json beside them.",
+    )
+    index.add_argument("folder", metavar="FOLDER")
+    index.add_argument("--pattern", default="*.tar", help="shard file names to index (glob)")
+    index.add_argument("--overwrite", action="store_true", help="replace an existing index.json")
+    index.add_argument("--quiet", action="store_true", help="no progress bar")
+    index.set_defaults(func=_index)
 
     toy = commands.add_parser("toy", help="generate the procedural toy DreamEcom dataset")
     toy.add_argument("--out", required=True, help="output folder")

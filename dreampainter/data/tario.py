@@ -12,6 +12,7 @@ headers; links, directories and device entries are skipped.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tarfile
 from collections.abc import Iterator
@@ -220,3 +221,23 @@ def member_header(name: str, size: int) -> bytes:
 def member_bytes(name: str, data: bytes) -> bytes:
     """One complete tar member: header, data and zero padding to the block size."""
     return member_header(name, len(data)) + data + b"\0" * (-len(data) % BLOCK)
+
+
+class HashingReader:
+    """Wrap a binary file: ``read`` passes through while ``sha256`` and ``num_bytes`` follow what was read."""
+
+    def __init__(self, fileobj: BinaryIO):
+        self.fileobj = fileobj
+        self.sha256 = hashlib.sha256()
+        self.num_bytes = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.fileobj.read(size)
+        self.sha256.update(data)
+        self.num_bytes += len(data)
+        return data
+
+    def drain(self) -> None:
+        """Read (and hash) the rest of the file."""
+        while self.read(1 << 20):
+            pass

@@ -12,7 +12,6 @@ still checked sample by sample.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import multiprocessing
 import os
@@ -35,7 +34,7 @@ from dreampainter.data.format import (
     parse_meta,
     sample_member_problems,
 )
-from dreampainter.data.tario import TarFormatError, iter_tar_samples
+from dreampainter.data.tario import HashingReader, TarFormatError, iter_tar_samples
 from dreampainter.errors import DreamPainterError, InvalidInputError, MissingFileError
 
 
@@ -154,27 +153,12 @@ def check_sample(key: str, members: Mapping[str, bytes]) -> list[str]:
     return problems
 
 
-class _HashingReader:
-    """A binary file that hashes and counts what is read from it."""
-
-    def __init__(self, fileobj):
-        self.fileobj = fileobj
-        self.sha256 = hashlib.sha256()
-        self.num_bytes = 0
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.fileobj.read(size)
-        self.sha256.update(data)
-        self.num_bytes += len(data)
-        return data
-
-
 def validate_shard(path: str | os.PathLike, name: str | None = None, on_sample=None) -> ShardResult:
     """Read one shard completely, checking each sample; never raises for a corrupt shard."""
     name = name or Path(path).name
     result = ShardResult(name)
     with open(path, "rb") as file:
-        reader = _HashingReader(file)
+        reader = HashingReader(file)
         try:
             for key, members in iter_tar_samples(reader, name=name):
                 result.num_samples += 1
@@ -190,8 +174,7 @@ def validate_shard(path: str | os.PathLike, name: str | None = None, on_sample=N
                 result.bad_samples.append(
                     BadSample(name, error.pending_key, ["incomplete: the shard ends inside it"])
                 )
-        while reader.read(1 << 20):  # hash the whole file, including what follows the end marker
-            pass
+        reader.drain()  # hash the whole file, including what follows the end marker
     result.num_bytes, result.sha256 = reader.num_bytes, reader.sha256.hexdigest()
     return result
 

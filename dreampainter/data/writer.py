@@ -39,8 +39,14 @@ from dreampainter.data.manifest import (
     prepare_row,
     read_rows,
 )
-from dreampainter.data.tario import END_OF_ARCHIVE, member_bytes
-from dreampainter.errors import InvalidInputError
+from dreampainter.data.tario import (
+    END_OF_ARCHIVE,
+    HashingReader,
+    TarFormatError,
+    iter_tar_samples,
+    member_bytes,
+)
+from dreampainter.errors import InvalidInputError, MissingFileError
 
 logger = logging.getLogger(__name__)
 
@@ -211,6 +217,44 @@ def write_shards(
     index.save(out_dir / INDEX_FILENAME)
     if not shards:
         logger.warning("wrote an empty shard set to %s (no samples)", out_dir)
+    return index
+
+
+def index_shards(
+    folder: str | os.PathLike,
+    *,
+    pattern: str = "*.tar",
+    meta: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ShardIndex:
+    """Write ``index.json`` for shards made elsewhere (WebDataset ``ShardWriter``, ``tar``, ...).
+
+    Each shard matching ``pattern`` (sorted by name) is read completely to count its samples and hash
+    it; a truncated or corrupt shard raises :class:`InvalidInputError` naming it.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MissingFileError(f"shard folder not found: {folder}")
+    if (folder / INDEX_FILENAME).exists() and not overwrite:
+        raise InvalidInputError(f"{folder / INDEX_FILENAME}: already exists; pass overwrite to replace it")
+    paths = sorted(path for path in folder.glob(pattern) if path.is_file())
+    if not paths:
+        raise MissingFileError(f"no shards matching {pattern} in {folder}")
+    shards = []
+    for path in tqdm(paths, disable=not progress, desc="index shards", unit="shard"):
+        with open(path, "rb") as file:
+            reader = HashingReader(file)
+            try:
+                count = sum(1 for _ in iter_tar_samples(reader, name=path.name))
+            except TarFormatError as error:
+                raise InvalidInputError(f"cannot index {path.name}: {error}") from None
+            reader.drain()
+        shards.append(
+            ShardInfo(path.relative_to(folder).as_posix(), count, reader.num_bytes, reader.sha256.hexdigest())
+        )
+    index = ShardIndex(shards=shards, meta=dict(meta or {}))
+    index.save(folder / INDEX_FILENAME)
     return index
 
 
