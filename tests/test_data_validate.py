@@ -18,7 +18,7 @@ from dreampainter.data.format import INDEX_FILENAME, EncodedSample, ShardIndex
 from dreampainter.data.tario import TarFormatError, TruncatedTarError, iter_tar_samples, member_bytes
 from dreampainter.data.validate import validate_shards
 from dreampainter.data.writer import index_shards, write_shards
-from dreampainter.errors import InvalidInputError
+from dreampainter.errors import InvalidInputError, MissingFileError
 
 
 def _encode(array: np.ndarray, fmt: str) -> bytes:
@@ -366,3 +366,28 @@ def test_cli_toy_calls_the_generator(tmp_path, run_cli, monkeypatch):
         "data", "toy", "--out", str(tmp_path), "--num", "12", "--seed", "3", "--workers", "2"
     )
     assert code == 0 and calls == [(str(tmp_path), {"num": 12, "seed": 3, "resolution": 128, "workers": 2})]
+
+
+def test_duplicate_member_and_sample_records(tmp_path):
+    sample = _sample(0)
+    members = _members(sample)
+    (tmp_path / "dup.tar").write_bytes(_tar(members + [members[-1]] + _members(_sample(1))))
+    with pytest.raises(TarFormatError, match="member s000.json appears twice in sample s000"):
+        list(iter_tar_samples(tmp_path / "dup.tar"))
+    report = validate_shards(tmp_path / "dup.tar", progress=False)
+    assert report.num_samples == 0 and "appears twice" in report.problems[0]
+    assert _bad(report) == {"s000": "unreadable: the tar is corrupt there"}
+
+    key, group = next(iter_tar_samples(io.BytesIO(_tar(members))))
+    assert EncodedSample.from_members(key, group) == sample
+    del group["ref.jpg"]
+    with pytest.raises(InvalidInputError, match=r"sample s000: missing member s000\.ref\.jpg\|png\|webp"):
+        EncodedSample.from_members(key, group)
+
+
+def test_nested_split_folders_get_a_hint(tmp_path):
+    _write(tmp_path / "train", [_sample(0)])
+    with pytest.raises(
+        MissingFileError, match=r"no index.json and no .tar shards in .* \(sub-folders with an index: train\)"
+    ):
+        validate_shards(tmp_path, progress=False)

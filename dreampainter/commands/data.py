@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from dreampainter.errors import DreamPainterError
 
@@ -51,17 +50,17 @@ def _toy(args: argparse.Namespace) -> int:
         from dreampainter.data.toy import write_toy_dataset
     except ImportError as error:
         raise DreamPainterError(f"the toy data generator is not available ({error})") from None
-    write_toy_dataset(
+    result = write_toy_dataset(
         args.out,
         num=args.num,
         seed=args.seed,
         resolution=args.resolution,
         workers=args.workers,
     )
-    print(
-        f"wrote {args.num} toy samples (seed {args.seed}, {args.resolution} px) to {args.out}",
-        file=sys.stdout,
-    )
+    print(f"wrote {args.num} toy samples (seed {args.seed}, {args.resolution} px) to {args.out}")
+    if isinstance(result, dict):  # split name -> ShardIndex
+        for split, index in result.items():
+            print(f"  {split}: {index.num_samples} samples in {len(index.shards)} shards")
     return 0
 
 

@@ -34,7 +34,7 @@ from dreampainter.data.format import (
     parse_meta,
     sample_member_problems,
 )
-from dreampainter.data.tario import HashingReader, TarFormatError, iter_tar_samples
+from dreampainter.data.tario import HashingReader, TarFormatError, TruncatedTarError, iter_tar_samples
 from dreampainter.errors import DreamPainterError, InvalidInputError, MissingFileError
 
 
@@ -171,9 +171,13 @@ def validate_shard(path: str | os.PathLike, name: str | None = None, on_sample=N
         except TarFormatError as error:
             result.error = str(error)
             if error.pending_key is not None:
-                result.bad_samples.append(
-                    BadSample(name, error.pending_key, ["incomplete: the shard ends inside it"])
+                truncated = isinstance(error, TruncatedTarError)
+                reason = (
+                    "incomplete: the shard ends inside it"
+                    if truncated
+                    else "unreadable: the tar is corrupt there"
                 )
+                result.bad_samples.append(BadSample(name, error.pending_key, [reason]))
         reader.drain()  # hash the whole file, including what follows the end marker
     result.num_bytes, result.sha256 = reader.num_bytes, reader.sha256.hexdigest()
     return result
@@ -199,7 +203,9 @@ def _resolve(source: Path) -> tuple[Path, ShardIndex | None, list[str], list[str
     on_disk = sorted(path.name for path in root.glob("*.tar"))
     if not index_path.exists():
         if not on_disk:
-            raise MissingFileError(f"no {INDEX_FILENAME} and no .tar shards in {root}")
+            nested = sorted(path.parent.name for path in root.glob(f"*/{INDEX_FILENAME}"))
+            hint = f" (sub-folders with an index: {', '.join(nested)})" if nested else ""
+            raise MissingFileError(f"no {INDEX_FILENAME} and no .tar shards in {root}{hint}")
         return (
             root,
             None,
