@@ -146,6 +146,11 @@ def test_csv_manifest_round_trip(tmp_path):
     assert json.loads(samples["00000004"]["json"])["note"] == "note 2"
     assert validate_shards(out, progress=False).ok
 
+    tsv = tmp_path / "list.tsv"
+    tsv.write_text((tmp_path / "list.csv").read_text(encoding="utf-8").replace(",", "\t"), encoding="utf-8")
+    write_shards_from_manifest(tsv, tmp_path / "tsv", progress=False)
+    assert _shard_bytes(tmp_path / "tsv") == _shard_bytes(out)
+
 
 def test_folder_layout_with_text_prompts_and_prompts_jsonl(tmp_path):
     rows = _make_catalogue(tmp_path / "a", 3)

@@ -177,7 +177,7 @@ def _read_jsonl(path: Path) -> tuple[list[ManifestRow], list[BadRow]]:
 def _read_csv(path: Path) -> tuple[list[ManifestRow], list[BadRow]]:
     rows = []
     with open(path, encoding="utf-8-sig", newline="") as file:
-        reader = csv.DictReader(file)
+        reader = csv.DictReader(file, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
         missing = [name for name in (*FILE_FIELDS, "prompt") if name not in (reader.fieldnames or [])]
         if missing:
             raise InvalidInputError(
