@@ -412,3 +412,18 @@ def test_killed_run_leaves_only_complete_shards_and_no_index(tmp_path):
     assert not report.ok and report.problems[0].startswith(f"{INDEX_FILENAME} missing")
     write_shards(_samples(1), out, progress=False)  # a rerun cleans up
     assert sorted(path.name for path in out.iterdir()) == ["index.json", "shard-000000.tar"]
+
+
+def test_exif_rotated_photo_is_kept_and_checked_upright(tmp_path):
+    rows = _make_catalogue(tmp_path, 1)
+    stored = np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8)  # 30 wide, 40 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display: upright it is 40x30, the mask's size
+    buffer = io.BytesIO()
+    Image.fromarray(stored).save(buffer, format="JPEG", exif=exif.tobytes())
+    (tmp_path / "photos/p0.jpg").write_bytes(buffer.getvalue())
+    _write_jsonl(tmp_path / "m.jsonl", rows)
+    index, report = write_shards_from_manifest(tmp_path / "m.jsonl", tmp_path / "o", progress=False)
+    assert index.num_samples == 1, report.summary()
+    assert _read_all(tmp_path / "o")["item000"]["jpg"] == buffer.getvalue()
+    assert validate_shards(tmp_path / "o", progress=False).ok
