@@ -55,7 +55,7 @@ def _to_float_chw(image: Any, index: int) -> torch.Tensor:
     if isinstance(image, Image.Image):
         from dreampainter.data.decode import load_image
 
-        image = torch.from_numpy(np.asarray(load_image(image), dtype=np.uint8)).permute(2, 0, 1)
+        image = torch.from_numpy(np.array(load_image(image), dtype=np.uint8)).permute(2, 0, 1)
     elif isinstance(image, np.ndarray):
         array = image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=-1)
         if array.shape[-1] == 4:

@@ -52,9 +52,11 @@ def sd15_inpainting_unet_config() -> dict:
     )
 
 
-def build_tiny_unet(seed: int = 0, **overrides) -> UNet2DConditionModel:
+def build_tiny_unet(
+    seed: int = 0, cross_attention_dim: int = 32, block_out_channels=(32, 64), **overrides
+) -> UNet2DConditionModel:
     torch.manual_seed(seed)
-    return UNet2DConditionModel(**{**tiny_unet_config(), **overrides})
+    return UNet2DConditionModel(**{**tiny_unet_config(cross_attention_dim, block_out_channels), **overrides})
 
 
 def build_tiny_vae(seed: int = 0, block_out_channels=(16, 32), latent_channels: int = 4) -> AutoencoderKL:
