@@ -1,0 +1,322 @@
+"""Metric registry, evaluation config and the suite a benchmark runner drives.
+
+```python
+suite = build_suite(EvaluationConfig.from_dict(cfg.evaluation))
+for batch in batches:                      # EvalBatch of generated samples
+    rows = suite.update(batch)             # {key: {column: value}} for the per-sample CSV
+report = suite.compute()                   # {"values": {...}, "skipped": {metric: reason}}
+```
+
+A metric that cannot be built (weights not configured or missing, package not installed) or
+that fails with a user-facing error later is reported in ``skipped`` with the reason; the
+others still run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from dreampainter.errors import DreamPainterError, InvalidInputError, MissingFileError
+from dreampainter.evaluation import backbones as bb
+from dreampainter.evaluation.base import Metric, Row
+from dreampainter.evaluation.batch import EvalBatch
+
+DEFAULT_METRICS = ("image_quality", "clip", "dino", "product", "lpips", "expansion", "colour")
+
+# backbone name -> (keys allowed in its config entry, default values)
+BACKBONE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "inception": {"path": None},
+    "clip": {"path": None, "model": "ViT-L-14"},
+    "dino": {"path": None, "arch": "vit_small_patch16_224.dino", "model_kwargs": {}},
+    "lpips": {"path": None, "net": "alex"},
+}
+
+
+@dataclass
+class EvaluationConfig:
+    """The ``evaluation`` section of a config (see docs/evaluation.md)."""
+
+    metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
+    backbones: dict[str, dict[str, Any]] = field(default_factory=dict)
+    split: str = "benchmark"
+    feature_cache: str | None = None
+    device: str = "cpu"
+    batch_size: int = 32
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    seed: int = 0
+    segmenter: str | None = "known_scene"
+    segmenter_tolerance: float = 40.0
+    expansion_threshold: float = 0.01
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, mapping: Mapping[str, Any] | None) -> EvaluationConfig:
+        """Build from a plain dict or an OmegaConf node; unknown keys are errors naming the key."""
+        if mapping is None:
+            return cls()
+        if not isinstance(mapping, dict):
+            from omegaconf import OmegaConf
+
+            mapping = OmegaConf.to_container(mapping, resolve=True)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(mapping) - known)
+        if unknown:
+            raise InvalidInputError(f"evaluation: unknown keys {unknown}; known: {sorted(known)}")
+        config = cls(**{k: v for k, v in mapping.items() if k != "backbones"})
+        config.metrics = list(config.metrics)
+        for name, entry in (mapping.get("backbones") or {}).items():
+            config.backbones[name] = normalise_backbone_entry(name, entry)
+        return config
+
+    def backbone(self, name: str) -> dict[str, Any]:
+        return self.backbones.get(name) or dict(BACKBONE_DEFAULTS[name])
+
+
+def normalise_backbone_entry(name: str, entry: Any) -> dict[str, Any]:
+    """``"path"`` or ``{path: ..., model: ...}`` -> a full entry with defaults."""
+    if name not in BACKBONE_DEFAULTS:
+        raise InvalidInputError(
+            f"evaluation.backbones: unknown backbone {name!r}; known: {sorted(BACKBONE_DEFAULTS)}"
+        )
+    if entry is None or isinstance(entry, str):
+        entry = {"path": entry}
+    unknown = sorted(set(entry) - set(BACKBONE_DEFAULTS[name]))
+    if unknown:
+        raise InvalidInputError(
+            f"evaluation.backbones.{name}: unknown keys {unknown}; known: {sorted(BACKBONE_DEFAULTS[name])}"
+        )
+    return {**BACKBONE_DEFAULTS[name], **entry}
+
+
+class Backbones:
+    """Loads each configured backbone once, on first use; ``given`` objects are used as they are.
+
+    ``given`` may hold an ``nn.Module`` feature extractor for ``inception`` (uint8 NCHW -> (N, D)),
+    a :class:`~dreampainter.evaluation.backbones.ClipBackbone`, a
+    :class:`~dreampainter.evaluation.backbones.DinoBackbone` or an LPIPS module.
+    """
+
+    _hints = {
+        "inception": bb.INCEPTION_HINT,
+        "clip": bb.CLIP_HINT,
+        "dino": bb.DINO_HINT,
+        "lpips": bb.LPIPS_HINT,
+    }
+
+    def __init__(self, config: EvaluationConfig, given: Mapping[str, Any] | None = None) -> None:
+        self.config = config
+        self._loaded: dict[str, Any] = dict(given or {})
+
+    def get(self, name: str) -> Any:
+        if name not in self._loaded:
+            self._loaded[name] = self._load(name)
+        value = self._loaded[name]
+        if name == "inception" and not isinstance(value, bb.ImageFeatureExtractor):
+            value = self._loaded[name] = bb.ImageFeatureExtractor(value, name=type(value).__name__)
+        return value
+
+    def _load(self, name: str) -> Any:
+        entry = self.config.backbone(name)
+        if not entry.get("path"):
+            raise MissingFileError(
+                f"no weights configured for the {name} backbone: set evaluation.backbones.{name}.path "
+                f"({self._hints[name]})"
+            )
+        device = self.config.device
+        if name == "inception":
+            return bb.load_inception(entry["path"], device)
+        if name == "clip":
+            return bb.load_clip(entry["model"], entry["path"], device)
+        if name == "dino":
+            return bb.load_dino(entry["arch"], entry["path"], device, entry.get("model_kwargs") or {})
+        return bb.load_lpips(entry["net"], entry["path"], device)
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """A registered metric: its name, the backbones it needs, and how to build it."""
+
+    name: str
+    requires: tuple[str, ...]
+    summary: str
+    build: Callable[[EvaluationConfig, Backbones, Any], Metric]
+
+
+METRICS: dict[str, MetricSpec] = {}
+
+
+def register_metric(spec: MetricSpec) -> None:
+    """Add (or replace) a metric; users can register their own before building a suite."""
+    METRICS[spec.name] = spec
+
+
+def _build_image_quality(config: EvaluationConfig, backbones: Backbones, segmenter: Any) -> Metric:
+    from dreampainter.evaluation.fid import ImageQualityMetric
+
+    return ImageQualityMetric(
+        backbones.get("inception"),
+        split=config.split,
+        cache_dir=config.feature_cache,
+        kid_subsets=config.kid_subsets,
+        kid_subset_size=config.kid_subset_size,
+        seed=config.seed,
+        batch_size=config.batch_size,
+        progress=config.progress,
+    )
+
+
+def _build_clip(config: EvaluationConfig, backbones: Backbones, segmenter: Any) -> Metric:
+    from dreampainter.evaluation.clip_scores import ClipMetric
+
+    return ClipMetric(backbones.get("clip"), batch_size=config.batch_size, progress=config.progress)
+
+
+def _build_dino(config: EvaluationConfig, backbones: Backbones, segmenter: Any) -> Metric:
+    from dreampainter.evaluation.dino import DinoMetric
+
+    return DinoMetric(backbones.get("dino"), batch_size=config.batch_size, progress=config.progress)
+
+
+def _build_product(config: EvaluationConfig, backbones: Backbones, segmenter: Any) -> Metric:
+    from dreampainter.evaluation.product import ProductMetric
+
+    return ProductMetric()
+
+
+def _build_lpips(config: EvaluationConfig, backbones: Backbones, segmenter: Any) -> Metric:
+    from dreampainter.evaluation.product import LpipsMetric
+
+    return LpipsMetric(backbones.get("lpips"))
+
+
+def _build_expansion(config: EvaluationConfig, backbones: Backbones, segmenter: Any) -> Metric:
+    from dreampainter.evaluation.expansion import ExpansionMetric, KnownSceneSegmenter
+
+    if segmenter is None:
+        if config.segmenter != "known_scene":
+            raise MissingFileError(
+                "object expansion needs a segmenter: pass one to build_suite(segmenter=...) "
+                "or set evaluation.segmenter: known_scene (toy data only)"
+            )
+        segmenter = KnownSceneSegmenter(config.segmenter_tolerance)
+    return ExpansionMetric(segmenter, threshold=config.expansion_threshold)
+
+
+def _build_colour(config: EvaluationConfig, backbones: Backbones, segmenter: Any) -> Metric:
+    from dreampainter.evaluation.colour import BackgroundColourMetric
+
+    return BackgroundColourMetric()
+
+
+for _spec in (
+    MetricSpec(
+        "image_quality", ("inception",), "FID and KID vs the split's real photos", _build_image_quality
+    ),
+    MetricSpec("clip", ("clip",), "CLIP-T (result vs prompt) and CLIP-I (result vs reference)", _build_clip),
+    MetricSpec("dino", ("dino",), "DINO CLS cosine of result vs reference", _build_dino),
+    MetricSpec("product", (), "PSNR/SSIM of the product before compositing; change after", _build_product),
+    MetricSpec("lpips", ("lpips",), "LPIPS of the product before compositing", _build_lpips),
+    MetricSpec("expansion", (), "object expansion outside the product mask", _build_expansion),
+    MetricSpec("colour", (), "background colour/histogram distance to the reference", _build_colour),
+):
+    register_metric(_spec)
+
+
+def _reason(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+class MetricSuite:
+    """Runs several metrics side by side; a metric that cannot run is skipped with its reason."""
+
+    def __init__(self, metrics: dict[str, Metric], skipped: dict[str, str] | None = None) -> None:
+        self.metrics = dict(metrics)
+        self.skipped = dict(skipped or {})
+
+    def _skip(self, name: str, error: BaseException) -> None:
+        self.metrics.pop(name, None)
+        self.skipped[name] = _reason(error)
+
+    def update(self, batch: EvalBatch) -> dict[str, Row]:
+        """Score ``batch`` with every metric; returns ``{key: {column: value}}`` for this batch."""
+        rows: dict[str, Row] = {sample.key: {} for sample in batch}
+        for name, metric in list(self.metrics.items()):
+            try:
+                values = metric.update(batch)
+            except DreamPainterError as error:
+                self._skip(name, error)
+                continue
+            for sample, row in zip(batch, values):
+                rows[sample.key].update(row)
+        return rows
+
+    def per_sample(self) -> dict[str, Row]:
+        """Every per-sample value seen so far, merged over metrics, by key (sorted)."""
+        merged: dict[str, Row] = {}
+        for metric in self.metrics.values():
+            for key, row in metric.per_sample().items():
+                merged.setdefault(key, {}).update(row)
+        return {key: merged[key] for key in sorted(merged)}
+
+    def compute(self) -> dict[str, Any]:
+        """``{"values": {name: float}, "skipped": {metric: reason}}`` (NaN: nothing measurable)."""
+        values: dict[str, float] = {}
+        for name, metric in list(self.metrics.items()):
+            try:
+                values.update(metric.compute())
+            except DreamPainterError as error:
+                self._skip(name, error)
+        return {"values": values, "skipped": dict(self.skipped)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "metrics": {n: m.state_dict() for n, m in self.metrics.items()},
+            "skipped": dict(self.skipped),
+        }
+
+    def merge_state(self, states: list[dict[str, Any]]) -> None:
+        """Merge the states gathered from other processes (identical results to one process)."""
+        for state in states:
+            for name, reason in state["skipped"].items():
+                self.skipped.setdefault(name, reason)
+                self.metrics.pop(name, None)
+        for name, metric in self.metrics.items():
+            metric.merge_state([state["metrics"][name] for state in states if name in state["metrics"]])
+
+
+def build_suite(
+    config: EvaluationConfig | None = None,
+    backbones: Mapping[str, Any] | None = None,
+    segmenter: Any = None,
+    metrics: list[str] | None = None,
+) -> MetricSuite:
+    """Build the configured (or named) metrics; those that cannot be built are skipped with a reason."""
+    config = config or EvaluationConfig()
+    names = list(metrics if metrics is not None else config.metrics)
+    unknown = [name for name in names if name not in METRICS]
+    if unknown:
+        raise InvalidInputError(f"unknown metrics {unknown}; known: {sorted(METRICS)}")
+    provider = Backbones(config, backbones)
+    built: dict[str, Metric] = {}
+    skipped: dict[str, str] = {}
+    for name in names:
+        try:
+            built[name] = METRICS[name].build(config, provider, segmenter)
+        except (DreamPainterError, ImportError) as error:
+            skipped[name] = _reason(error)
+    return MetricSuite(built, skipped)
+
+
+__all__ = [
+    "DEFAULT_METRICS",
+    "METRICS",
+    "Backbones",
+    "EvaluationConfig",
+    "MetricSpec",
+    "MetricSuite",
+    "build_suite",
+    "register_metric",
+]
