@@ -1,0 +1,297 @@
+"""The streaming loader on real tar shards: round trip, corrupt samples, splitting, resume, buckets."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from data_shards import encode, make_members, write_shards, write_tar
+
+from dreampainter.data.loader import LoaderConfig, build_dataloader
+from dreampainter.data.shardlist import resolve_shards
+from dreampainter.errors import InvalidInputError, MissingFileError
+
+SMALL = {"resolution": 32, "reference_size": 16, "shuffle_buffer": 8}
+
+
+def _keys(loader) -> list[str]:
+    return [key for batch in loader for key in batch["key"]]
+
+
+def test_round_trip_every_sample_once_with_the_documented_fields(tmp_path):
+    keys = write_shards(tmp_path, 3, 5)
+    loader = build_dataloader(tmp_path, {**SMALL, "epoch_mode": "exact", "drop_last": False}, batch_size=4)
+    seen = []
+    for batch in loader:
+        n = len(batch["key"])
+        assert batch["pixel_values"].shape == (n, 3, 32, 32) and batch["pixel_values"].dtype == torch.float32
+        assert batch["pixel_values"].min() >= -1 and batch["pixel_values"].max() <= 1
+        assert batch["mask"].shape == batch["product_mask"].shape == (n, 1, 32, 32)
+        assert set(batch["mask"].unique().tolist()) <= {0.0, 1.0}
+        assert torch.equal(batch["mask"], 1 - batch["product_mask"])
+        assert torch.equal(batch["masked_pixel_values"], batch["pixel_values"] * (1 - batch["mask"]))
+        assert batch["reference_pixel_values"].shape == (n, 3, 16, 16)
+        assert batch["drop_text"].dtype == torch.bool and batch["drop_reference"].shape == (n,)
+        assert batch["prompt"] == [f"a product {key}" for key in batch["key"]]
+        assert batch["category"] == ["box"] * n
+        # the product (a quarter of the photo) is in every sample, and the background is repainted
+        assert (batch["product_mask"].flatten(1).mean(1) > 0.03).all()
+        assert (batch["mask"].flatten(1).mean(1) > 0.5).all()
+        seen += batch["key"]
+    assert sorted(seen) == sorted(keys)
+    assert loader.skips.total == 0
+
+
+def test_sources_folder_index_brace_list_and_pipe_agree(tmp_path):
+    write_shards(tmp_path, 2, 3)
+    config = {
+        **SMALL,
+        "epoch_mode": "exact",
+        "shuffle_shards": False,
+        "shuffle_buffer": 0,
+        "drop_last": False,
+    }
+    expected = _keys(build_dataloader(tmp_path, config, batch_size=2))
+    shards = [str(tmp_path / f"shard-{i:04d}.tar") for i in range(2)]
+    assert resolve_shards(tmp_path).counts == [3, 3]
+    assert _keys(build_dataloader(tmp_path / "index.json", config, batch_size=2)) == expected
+    assert _keys(build_dataloader(str(tmp_path / "shard-{0000..0001}.tar"), config, batch_size=2)) == expected
+    assert _keys(build_dataloader(shards, config, batch_size=2)) == expected
+    pipes = [f"pipe:cat {path}" for path in shards]
+    assert _keys(build_dataloader(pipes, config, batch_size=2)) == expected
+    assert _keys(build_dataloader([f"file://{path}" for path in shards], config, batch_size=2)) == expected
+    with pytest.raises(MissingFileError, match=r"8 of 10 shard\(s\) not found, first: .*shard-0002.tar"):
+        resolve_shards(str(tmp_path / "shard-{0000..0009}.tar"))
+
+
+def _corrupt_shard(path: Path) -> dict[str, int]:
+    """A shard with one sample of each kind of damage (+ good ones); returns the expected skip counts."""
+    good = [(f"good{i}", make_members(f"good{i}", 100 + i)) for i in range(4)]
+    truncated_jpeg = make_members("tjpg", 1)
+    truncated_jpeg["jpg"] = truncated_jpeg["jpg"][: len(truncated_jpeg["jpg"]) // 2]
+    wrong_mask = make_members("wmask", 2)
+    wrong_mask["mask.png"] = encode(np.zeros((10, 10), np.uint8), "PNG")
+    missing = make_members("noref", 3)
+    del missing["ref.jpg"]
+    empty_prompt = make_members("noprompt", 4, prompt="  ")
+    bad_json = make_members("badjson", 5)
+    bad_json["json"] = b"{not json"
+    garbage = make_members("garbage", 6)
+    garbage["ref.jpg"] = b"this is not an image"
+    samples = [good[0], ("tjpg", truncated_jpeg), good[1], ("wmask", wrong_mask), ("noref", missing)]
+    samples += [good[2], ("noprompt", empty_prompt), ("badjson", bad_json), ("garbage", garbage), good[3]]
+    write_tar(path, samples)
+    return {
+        "truncated_image": 1,
+        "mask_size": 1,
+        "missing_member": 1,
+        "empty_prompt": 1,
+        "bad_json": 1,
+        "undecodable": 1,
+    }
+
+
+def test_corrupt_samples_and_a_truncated_tar_are_skipped_and_counted(tmp_path):
+    expected = _corrupt_shard(tmp_path / "a.tar")
+    write_tar(tmp_path / "b.tar", [(f"fine{i}", make_members(f"fine{i}", 200 + i)) for i in range(3)])
+    whole = tmp_path / "whole.tar"
+    write_tar(whole, [(f"cut{i}", make_members(f"cut{i}", 300 + i)) for i in range(6)])
+    data = whole.read_bytes()
+    (tmp_path / "c.tar").write_bytes(data[: int(len(data) * 0.6)])  # ends in the middle of a member
+    whole.unlink()
+    config = {**SMALL, "epoch_mode": "exact", "drop_last": False}
+    loader = build_dataloader(tmp_path, config, batch_size=3)
+    keys = _keys(loader)
+    good = {f"good{i}" for i in range(4)} | {f"fine{i}" for i in range(3)}
+    assert good <= set(keys)
+    cut = sorted(k for k in keys if k.startswith("cut"))
+    assert 1 <= len(cut) < 6 and cut == [f"cut{i}" for i in range(len(cut))]  # the complete ones survive
+    assert len(keys) == len(set(keys)) == len(good) + len(cut)
+    counts = loader.skips.as_dict()
+    assert counts.pop("truncated_tar") == 1
+    assert counts == expected
+
+
+def test_undecodable_pixels_behind_a_valid_header_are_skipped_without_breaking_the_batch(tmp_path):
+    broken = make_members("broken", 7)
+    del broken["jpg"]
+    png = bytearray(encode(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8), "PNG"))
+    data_start = png.index(b"IDAT") + 4
+    png[data_start + 10 : data_start + 200] = bytes(190)  # header and IEND intact, pixel stream broken
+    broken["png"] = bytes(png)
+    samples = [("ok0", make_members("ok0", 1)), ("broken", broken), ("ok1", make_members("ok1", 2))]
+    write_tar(tmp_path / "x.tar", samples)
+    loader = build_dataloader(tmp_path, {**SMALL, "epoch_mode": "exact", "drop_last": False}, batch_size=3)
+    batches = list(loader)
+    assert len(batches) == 1 and sorted(batches[0]["key"]) == [
+        "ok0",
+        "ok1",
+    ]  # planned batch of 3, one dropped
+    assert loader.skips.as_dict() == {"undecodable": 1}
+
+
+def test_index_shortfall_is_reported(tmp_path):
+    write_shards(tmp_path, 2, 3)
+    index = json.loads((tmp_path / "index.json").read_text())
+    index["shards"][1]["num_samples"] = 5
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    loader = build_dataloader(tmp_path, {**SMALL, "epoch_mode": "exact", "drop_last": False}, batch_size=2)
+    assert len(_keys(loader)) == 6
+    assert loader.skips.as_dict() == {"missing_samples": 2}
+
+
+@pytest.mark.parametrize("mode", ["exact", "balanced"])
+def test_two_ranks_two_workers_are_disjoint_and_complete(tmp_path, mode):
+    keys = write_shards(tmp_path, 8, 4)
+    config = {**SMALL, "epoch_mode": mode, "drop_last": mode == "balanced"}
+    per_rank = []
+    for rank in range(2):
+        loader = build_dataloader(
+            tmp_path, config, batch_size=2, rank=rank, world_size=2, num_workers=2, seed=5
+        )
+        batches = list(loader)
+        if mode == "balanced":
+            assert len(batches) == len(loader) == 8  # same count on every rank: DDP-safe
+        per_rank.append([key for batch in batches for key in batch["key"]])
+    assert not set(per_rank[0]) & set(per_rank[1])
+    for keys_of_rank in per_rank:
+        assert len(keys_of_rank) == len(set(keys_of_rank))
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(keys)
+
+
+def test_too_few_shards_is_a_clear_error(tmp_path):
+    write_shards(tmp_path, 3, 2)
+    with pytest.raises(InvalidInputError, match=r"3 shard\(s\) cannot be split over 2 rank\(s\) x 2"):
+        build_dataloader(tmp_path, SMALL, batch_size=1, rank=0, world_size=2, num_workers=2)
+    loader = build_dataloader(
+        tmp_path, {**SMALL, "resampled": True}, batch_size=1, rank=0, world_size=2, num_workers=2
+    )
+    assert len(loader) == 4  # ceil(6 samples / (2 ranks x 2 workers x 1)) = 2 per worker
+
+
+def test_resampled_mode_is_endless_without_a_count_and_deterministic(tmp_path):
+    write_shards(tmp_path, 2, 3, index=False)
+    config = {**SMALL, "resampled": True}
+    loader = build_dataloader(tmp_path, config, batch_size=2, seed=3)
+    iterator = iter(loader)
+    first = [next(iterator)["key"] for _ in range(10)]  # 20 samples from 6: it wraps around
+    again = iter(build_dataloader(tmp_path, config, batch_size=2, seed=3))
+    assert first == [next(again)["key"] for _ in range(10)]
+
+
+def _fingerprint(batch) -> tuple:
+    return (
+        tuple(batch["key"]),
+        tuple(batch["pixel_values"].shape),
+        round(float(batch["pixel_values"].double().sum()), 4),
+        round(float(batch["mask"].double().sum()), 4),
+        round(float(batch["reference_pixel_values"].double().sum()), 4),
+        tuple(batch["drop_text"].tolist()),
+        tuple(batch["prompt"]),
+    )
+
+
+@pytest.mark.parametrize("buckets", [False, True])
+def test_resume_continues_exactly_where_the_run_stopped(tmp_path, buckets):
+    sizes = [(48, 40), (40, 64), (64, 40)] if buckets else None
+    write_shards(tmp_path, 4, 9, sizes=sizes)
+    _corrupt_shard(tmp_path / "shard-0004.tar")  # not in the index: the folder's index lists 4 shards
+    (tmp_path / "shard-0004.tar").unlink()
+    config = {
+        **SMALL,
+        "buckets": [[32, 32], [24, 40], [40, 24]] if buckets else None,
+        "max_zoom": 1.5,
+        "language": "random",
+        "mask_grow_px": [-1, 2],
+        "p_drop_text": 0.3,
+    }
+    args = {"batch_size": 2, "rank": 1, "world_size": 2, "num_workers": 2, "epoch": 3, "seed": 11}
+    full = [_fingerprint(batch) for batch in build_dataloader(tmp_path, config, **args)]
+    assert len(full) == 8
+    if buckets:
+        assert len({f[1] for f in full}) > 1  # several bucket sizes were used
+    for consumed in (1, 3, 6):
+        resumed = [
+            _fingerprint(b) for b in build_dataloader(tmp_path, config, resume_samples=2 * consumed, **args)
+        ]
+        assert resumed == full[consumed:]
+    other_seed = [_fingerprint(batch) for batch in build_dataloader(tmp_path, config, **{**args, "seed": 12})]
+    assert other_seed != full
+    with pytest.raises(InvalidInputError, match="multiple of batch_size"):
+        build_dataloader(tmp_path, config, resume_samples=3, **args)
+
+
+def test_resume_is_exact_with_corrupt_samples_in_the_stream(tmp_path):
+    write_shards(tmp_path, 2, 6, index=False)
+    _corrupt_shard(tmp_path / "shard-0002.tar")
+    config = {**SMALL, "epoch_mode": "exact", "samples_per_epoch": None}
+    args = {"batch_size": 2, "num_workers": 0, "seed": 2}
+    loader = build_dataloader(tmp_path, config, **args)
+    batches = list(loader)
+    full = [_fingerprint(batch) for batch in batches]
+    assert loader.skips.total == 6
+    resumed_loader = build_dataloader(tmp_path, config, resume_samples=6, **args)
+    assert [_fingerprint(batch) for batch in resumed_loader] == full[3:]
+    # skip counts are not double-counted across the interruption
+    before = sum(sum(batch["skipped"].values()) for batch in batches[:3])
+    assert before + resumed_loader.skips.total == 6
+
+
+def test_buckets_group_batches_by_aspect(tmp_path):
+    write_shards(tmp_path, 2, 8, sizes=[(60, 40), (40, 60), (50, 50), (64, 32)])
+    config = {**SMALL, "buckets": [[32, 32], [24, 40], [40, 24]], "epoch_mode": "exact", "drop_last": False}
+    shapes = {}
+    for batch in build_dataloader(tmp_path, config, batch_size=2):
+        shape = tuple(batch["pixel_values"].shape[-2:])
+        assert batch["mask"].shape[-2:] == shape
+        for key in batch["key"]:
+            shapes[key] = shape
+    by_size = {(60, 40): (24, 40), (40, 60): (40, 24), (50, 50): (32, 32), (64, 32): (24, 40)}
+    sizes = [(60, 40), (40, 60), (50, 50), (64, 32)]
+    for key, shape in shapes.items():
+        assert shape == by_size[sizes[int(key[1:]) % 4]]
+    assert len(shapes) == 16
+
+
+def test_balanced_mode_needs_counts(tmp_path):
+    write_shards(tmp_path, 2, 2, index=False)
+    with pytest.raises(InvalidInputError, match="index.json"):
+        build_dataloader(tmp_path, SMALL, batch_size=1)
+    assert len(build_dataloader(tmp_path, {**SMALL, "samples_per_epoch": 4}, batch_size=1)) == 4
+
+
+def test_shards_written_by_webdataset_shardwriter_are_read(tmp_path):
+    import webdataset as wds
+
+    with wds.ShardWriter(str(tmp_path / "wds-%04d.tar"), maxcount=3) as sink:
+        for i in range(5):
+            members = make_members(f"w{i}", i)
+            sink.write({"__key__": f"w{i}", **members})
+    config = {**SMALL, "epoch_mode": "exact", "drop_last": False}
+    assert sorted(_keys(build_dataloader(tmp_path, config, batch_size=2))) == [f"w{i}" for i in range(5)]
+
+
+def test_tar_entries_outside_samples_are_ignored(tmp_path):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        info = tarfile.TarInfo("__meta__")
+        info.size = 2
+        archive.addfile(info, io.BytesIO(b"{}"))
+        for suffix, data in make_members("only", 0).items():
+            info = tarfile.TarInfo(f"only.{suffix}")
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    (tmp_path / "x.tar").write_bytes(buffer.getvalue())
+    loader = build_dataloader(tmp_path, {**SMALL, "epoch_mode": "exact", "drop_last": False}, batch_size=1)
+    assert _keys(loader) == ["only"] and loader.skips.total == 0
+
+
+def test_loader_config_accepts_a_plain_mapping():
+    config = LoaderConfig.from_dict({"resolution": [48, 64], "buckets": True})
+    assert config.size == (48, 64)
+    assert (64, 64) in config.bucket_sizes()
