@@ -186,7 +186,7 @@ def load_clip(model_name: str, path: str | os.PathLike, device: str | torch.devi
         raise InvalidInputError(f"evaluation.backbones.clip.model: unknown open_clip model {model_name!r}")
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=os.fspath(path))
-    except RuntimeError as error:
+    except (RuntimeError, AssertionError, KeyError, ValueError) as error:
         raise CheckpointMismatchError(
             f"CLIP weights {path} do not fit open_clip {model_name!r} ({error})"
         ) from None
