@@ -179,9 +179,9 @@ class ClipBackbone:
 
 def load_clip(model_name: str, path: str | os.PathLike, device: str | torch.device = "cpu") -> ClipBackbone:
     """``open_clip.create_model_and_transforms(model_name, pretrained=path)`` from a local checkpoint."""
+    require_file(path, f"CLIP weights for open_clip model {model_name!r}", CLIP_HINT)
     import open_clip
 
-    require_file(path, f"CLIP weights for open_clip model {model_name!r}", CLIP_HINT)
     if model_name not in open_clip.list_models():
         raise InvalidInputError(f"evaluation.backbones.clip.model: unknown open_clip model {model_name!r}")
     try:
@@ -234,10 +234,10 @@ def load_dino(
     Accepts timm's ``model.safetensors`` and FAIR's DINO ``.pth`` files (``teacher``/``backbone``
     prefixes are stripped); the classifier head, if any, is ignored.
     """
+    state = read_state_dict(path, f"DINO weights for timm {arch!r}", DINO_HINT)
     import timm
     from timm.data import create_transform, resolve_data_config
 
-    state = read_state_dict(path, f"DINO weights for timm {arch!r}", DINO_HINT)
     try:
         model = timm.create_model(arch, pretrained=False, num_classes=0, **(model_kwargs or {}))
     except RuntimeError as error:

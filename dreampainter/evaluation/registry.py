@@ -232,9 +232,15 @@ def _reason(error: BaseException) -> str:
 class MetricSuite:
     """Runs several metrics side by side; a metric that cannot run is skipped with its reason."""
 
-    def __init__(self, metrics: dict[str, Metric], skipped: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        metrics: dict[str, Metric],
+        skipped: dict[str, str] | None = None,
+        backbones: Backbones | None = None,
+    ) -> None:
         self.metrics = dict(metrics)
         self.skipped = dict(skipped or {})
+        self.backbones = backbones  # reuse with build_suite(backbones=suite.backbones), e.g. for controls
 
     def _skip(self, name: str, error: BaseException) -> None:
         self.metrics.pop(name, None)
@@ -289,17 +295,21 @@ class MetricSuite:
 
 def build_suite(
     config: EvaluationConfig | None = None,
-    backbones: Mapping[str, Any] | None = None,
+    backbones: Backbones | Mapping[str, Any] | None = None,
     segmenter: Any = None,
     metrics: list[str] | None = None,
 ) -> MetricSuite:
-    """Build the configured (or named) metrics; those that cannot be built are skipped with a reason."""
+    """Build the configured (or named) metrics; those that cannot be built are skipped with a reason.
+
+    ``backbones``: objects to use instead of loading from the config (see :class:`Backbones`), or
+    the :class:`Backbones` of another suite, so that loaded backbones are shared (controls, ranks).
+    """
     config = config or EvaluationConfig()
     names = list(metrics if metrics is not None else config.metrics)
     unknown = [name for name in names if name not in METRICS]
     if unknown:
         raise InvalidInputError(f"unknown metrics {unknown}; known: {sorted(METRICS)}")
-    provider = Backbones(config, backbones)
+    provider = backbones if isinstance(backbones, Backbones) else Backbones(config, backbones)
     built: dict[str, Metric] = {}
     skipped: dict[str, str] = {}
     for name in names:
@@ -307,7 +317,7 @@ def build_suite(
             built[name] = METRICS[name].build(config, provider, segmenter)
         except (DreamPainterError, ImportError) as error:
             skipped[name] = _reason(error)
-    return MetricSuite(built, skipped)
+    return MetricSuite(built, skipped, provider)
 
 
 __all__ = [

@@ -1,0 +1,142 @@
+"""The metric suite: config, backbones from local files, skipped metrics with reasons, multi-process merge."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from dreampainter.errors import InvalidInputError
+from dreampainter.evaluation import EvalBatch, EvaluationConfig, build_suite
+from dreampainter.evaluation.tiny_backbones import (
+    TinyFeatureNet,
+    save_random_lpips_trunk,
+    save_tiny_clip,
+    save_tiny_dino,
+)
+
+WEIGHT_FREE = {"product", "expansion", "colour"}
+
+
+def toy_batch(keys, seed):
+    """Toy scenes: wall/floor reference, a product box, results with a slightly different background."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in keys:
+        reference = np.empty((32, 32, 3), np.uint8)
+        reference[:16] = rng.integers(100, 255, 3)
+        reference[16:] = rng.integers(0, 120, 3)
+        mask = np.zeros((32, 32), np.uint8)
+        mask[8:24, 10:22] = 255
+        photo = reference.copy()
+        photo[mask == 255] = rng.integers(0, 255, 3)
+        raw = np.clip(photo.astype(int) + rng.integers(-8, 9, photo.shape), 0, 255).astype(np.uint8)
+        composited = np.where(mask[..., None] == 255, photo, raw)
+        samples.append((raw, composited, photo, mask, reference))
+    fields = list(zip(*samples))
+    prompts = [f"a product on a table {i}" for i in range(len(keys))]
+    return EvalBatch.from_lists(keys, *fields, prompt=prompts)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("weights")
+    clip_model = save_tiny_clip(folder / "clip.bin")
+    arch, kwargs = save_tiny_dino(folder / "dino.safetensors")
+    save_random_lpips_trunk(folder / "alexnet.pth")
+    return {
+        "clip": {"model": clip_model, "path": str(folder / "clip.bin")},
+        "dino": {"arch": arch, "path": str(folder / "dino.safetensors"), "model_kwargs": kwargs},
+        "lpips": str(folder / "alexnet.pth"),
+    }
+
+
+def test_without_weights_the_weight_free_metrics_run_and_the_others_say_why_not(tmp_path):
+    config = EvaluationConfig.from_dict(
+        {
+            "backbones": {"clip": {"model": "ViT-L-14", "path": str(tmp_path / "vit_l14.bin")}},
+            "progress": False,
+        }
+    )
+    suite = build_suite(config)
+    assert set(suite.metrics) == WEIGHT_FREE
+    assert "evaluation.backbones.inception.path" in suite.skipped["image_quality"]
+    assert "vit_l14.bin" in suite.skipped["clip"] and "MissingFileError" in suite.skipped["clip"]
+    assert "evaluation.backbones.lpips.path" in suite.skipped["lpips"]
+    rows = suite.update(toy_batch(["a", "b"], 0))
+    assert set(rows["a"]) >= {"psnr", "ssim", "composite_change_max", "expansion", "bg_delta_e"}
+    report = suite.compute()
+    assert report["values"]["composite_change_max"] == 0
+    assert report["values"]["expansion_mean"] == 0
+    assert set(report["skipped"]) == {"image_quality", "clip", "dino", "lpips"}
+    json.dumps(report)  # metrics.json material
+
+
+def test_full_suite_from_local_files_and_process_split_gives_identical_results(weights, tmp_path):
+    config = EvaluationConfig.from_dict(
+        {
+            "backbones": weights,
+            "feature_cache": str(tmp_path / "cache"),
+            "kid_subset_size": 3,
+            "progress": False,
+        }
+    )
+    given = {"inception": TinyFeatureNet()}  # any feature module stands in for the Inception on toy runs
+    batches = [toy_batch(["a", "b", "c"], 1), toy_batch(["d", "e"], 2), toy_batch(["f", "g"], 3)]
+
+    one = build_suite(config, backbones=given)
+    assert not one.skipped
+    for batch in batches:
+        one.update(batch)
+    single = one.compute()["values"]
+    expected = {
+        "fid",
+        "kid_mean",
+        "clip_t",
+        "clip_i",
+        "dino",
+        "psnr",
+        "ssim",
+        "lpips",
+        "expansion_mean",
+        "bg_emd",
+    }
+    assert expected <= set(single)
+    assert all(math.isfinite(single[name]) for name in expected)
+    assert 0 <= single["clip_t"] <= 100 and -1 <= single["dino"] <= 1 and single["psnr"] > 20
+    per_sample = one.per_sample()
+    assert list(per_sample) == list("abcdefg")
+    assert single["psnr"] == pytest.approx(np.mean([row["psnr"] for row in per_sample.values()]))
+
+    # Two "processes" each score some batches (in another order); merged states give the same numbers.
+    states = []
+    for part in ([batches[2], batches[0]], [batches[1]]):
+        suite = build_suite(config, backbones=one.backbones)  # loaded once, shared
+        for batch in part:
+            suite.update(batch)
+        states.append(suite.state_dict())
+    merged = build_suite(config, backbones=one.backbones)
+    merged.merge_state(states)
+    assert merged.compute()["values"] == pytest.approx(single, rel=1e-9)
+
+
+def test_a_metric_failing_later_is_skipped_while_others_finish(weights):
+    config = EvaluationConfig(metrics=["image_quality", "colour"], progress=False)
+    suite = build_suite(config, backbones={"inception": TinyFeatureNet()})
+    suite.update(toy_batch(["only"], 4))  # one sample: FID/KID cannot be computed
+    report = suite.compute()
+    assert "at least 2" in report["skipped"]["image_quality"]
+    assert math.isfinite(report["values"]["bg_delta_e"])
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(InvalidInputError, match="unknown keys \\['metrcs'\\]"):
+        EvaluationConfig.from_dict({"metrcs": ["fid"]})
+    with pytest.raises(InvalidInputError, match="evaluation.backbones: unknown backbone 'inceptionv3'"):
+        EvaluationConfig.from_dict({"backbones": {"inceptionv3": "x.pth"}})
+    with pytest.raises(InvalidInputError, match="evaluation.backbones.clip: unknown keys \\['arch'\\]"):
+        EvaluationConfig.from_dict({"backbones": {"clip": {"arch": "x"}}})
+    with pytest.raises(InvalidInputError, match="unknown metrics \\['fid'\\]"):
+        build_suite(EvaluationConfig(metrics=["fid"]))
+    no_segmenter = build_suite(EvaluationConfig(metrics=["expansion"], segmenter=None))
+    assert "segmenter" in no_segmenter.skipped["expansion"]
