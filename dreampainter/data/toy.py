@@ -306,7 +306,11 @@ def write_toy_dataset(
 ) -> dict[str, ShardIndex]:
     """Write ``num`` toy samples as shard sets ``out_dir/<split>/`` (default 90/5/5 % train/val/bench).
 
-    Same ``(num, seed, resolution)`` -> byte-identical shards, whatever ``workers``.
+    Same ``(num, seed, resolution)`` -> byte-identical shards, whatever ``workers``. Sample ``i`` of
+    a split depends only on ``(seed, split, i)``, so splits are disjoint and growing ``num`` keeps
+    the earlier samples. ``workers > 1`` starts spawned processes (a script calling this must guard
+    its entry point with ``if __name__ == "__main__":``). ``image_format`` ("jpg" or "png") applies to
+    photo and reference; the mask is always PNG.
     """
     from dreampainter.data.writer import write_shards
 
