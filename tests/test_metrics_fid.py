@@ -145,6 +145,16 @@ def test_image_quality_metric_matches_direct_features_caches_real_and_merges(tmp
     assert net.seen == 7  # only the generated images
     assert again.compute()["fid"] == pytest.approx(values["fid"], rel=1e-12)
 
+    # The cache never enlarges the real set (a --limit run is the same with or without it), and a
+    # photo that changed under the same key is re-encoded.
+    net.seen = 0
+    limited = ImageQualityMetric(extractor, split="bench", cache_dir=tmp_path, progress=False)
+    limited.update(batches[0])
+    assert limited.compute()["fid_real_images"] == 4 and net.seen == 4
+    changed = toy_batch([f"k{i}" for i in range(4)], 9)
+    limited.update(changed)
+    assert net.seen == 8 + 4  # 4 generated + 4 changed photos
+
     # Two processes' halves merged give the one-process result.
     halves = []
     for batch in batches:

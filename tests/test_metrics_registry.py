@@ -8,12 +8,7 @@ import pytest
 
 from dreampainter.errors import InvalidInputError
 from dreampainter.evaluation import EvalBatch, EvaluationConfig, build_suite
-from dreampainter.evaluation.tiny_backbones import (
-    TinyFeatureNet,
-    save_random_lpips_trunk,
-    save_tiny_clip,
-    save_tiny_dino,
-)
+from dreampainter.evaluation.tiny_backbones import TinyFeatureNet, write_tiny_backbones
 
 WEIGHT_FREE = {"product", "expansion", "colour"}
 
@@ -40,15 +35,7 @@ def toy_batch(keys, seed):
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("weights")
-    clip_model = save_tiny_clip(folder / "clip.bin")
-    arch, kwargs = save_tiny_dino(folder / "dino.safetensors")
-    save_random_lpips_trunk(folder / "alexnet.pth")
-    return {
-        "clip": {"model": clip_model, "path": str(folder / "clip.bin")},
-        "dino": {"arch": arch, "path": str(folder / "dino.safetensors"), "model_kwargs": kwargs},
-        "lpips": str(folder / "alexnet.pth"),
-    }
+    return write_tiny_backbones(tmp_path_factory.mktemp("weights"))
 
 
 def test_without_weights_the_weight_free_metrics_run_and_the_others_say_why_not(tmp_path):
@@ -81,10 +68,9 @@ def test_full_suite_from_local_files_and_process_split_gives_identical_results(w
             "progress": False,
         }
     )
-    given = {"inception": TinyFeatureNet()}  # any feature module stands in for the Inception on toy runs
     batches = [toy_batch(["a", "b", "c"], 1), toy_batch(["d", "e"], 2), toy_batch(["f", "g"], 3)]
 
-    one = build_suite(config, backbones=given)
+    one = build_suite(config)  # every backbone from the config: files, and the tiny FID features
     assert not one.skipped
     for batch in batches:
         one.update(batch)

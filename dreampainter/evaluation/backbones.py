@@ -182,6 +182,10 @@ def load_clip(model_name: str, path: str | os.PathLike, device: str | torch.devi
     require_file(path, f"CLIP weights for open_clip model {model_name!r}", CLIP_HINT)
     import open_clip
 
+    from dreampainter.evaluation.tiny_backbones import TINY_CLIP_NAME, register_tiny_clip
+
+    if model_name == TINY_CLIP_NAME:
+        register_tiny_clip()
     if model_name not in open_clip.list_models():
         raise InvalidInputError(f"evaluation.backbones.clip.model: unknown open_clip model {model_name!r}")
     try:

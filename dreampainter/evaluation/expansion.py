@@ -68,7 +68,9 @@ class KnownSceneSegmenter:
             size = (image.shape[1], image.shape[0])
             reference = np.asarray(Image.fromarray(reference).resize(size, Image.BILINEAR))
         pixels = image.astype(np.float64)
-        to_palette = np.linalg.norm(pixels[:, :, None, :] - palette[None, None], axis=-1).min(axis=-1)
+        to_palette = np.full(image.shape[:2], np.inf)
+        for colour in palette:  # a loop keeps memory at one HxW map per colour
+            np.minimum(to_palette, np.linalg.norm(pixels - colour, axis=-1), out=to_palette)
         to_reference = np.linalg.norm(pixels - reference.astype(np.float64), axis=-1)
         return (to_palette < self.tolerance) & (to_reference > self.tolerance)
 

@@ -100,25 +100,41 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def image_digest(image: np.ndarray) -> str:
+    """A short hash of an image's pixels: cached features are reused only for the same photo."""
+    digest = hashlib.sha1(str(image.shape).encode())
+    digest.update(np.ascontiguousarray(image).tobytes())
+    return digest.hexdigest()[:16]
+
+
 class FeatureCache:
-    """Real-photo features on disk: ``<folder>/<split>--<backbone>.npz`` holding ``keys`` and ``features``."""
+    """Real-photo features on disk: ``<folder>/<split>--<backbone>.npz`` with ``keys``, ``digests``, ``features``."""
 
     def __init__(self, folder: str | os.PathLike, split: str, backbone_id: str) -> None:
         safe_split = "".join(c if c.isalnum() or c in "-_." else "_" for c in split)
         self.path = Path(folder) / f"{safe_split}--{backbone_id}.npz"
 
-    def load(self) -> dict[str, np.ndarray]:
+    def load(self) -> dict[str, tuple[str, np.ndarray]]:
+        """``{key: (image digest, features)}``; empty when there is no cache yet."""
         if not self.path.exists():
             return {}
         with np.load(self.path, allow_pickle=False) as data:
-            return dict(zip(data["keys"].tolist(), data["features"]))
+            return {
+                key: (digest, row)
+                for key, digest, row in zip(data["keys"].tolist(), data["digests"].tolist(), data["features"])
+            }
 
-    def save(self, features: dict[str, np.ndarray]) -> None:
+    def save(self, entries: dict[str, tuple[str, np.ndarray]]) -> None:
         """Write atomically (temp file + rename) so a killed run never leaves a half-written cache."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        keys = sorted(features)
+        keys = sorted(entries)
         temporary = self.path.with_name(self.path.name + ".tmp.npz")
-        np.savez(temporary, keys=np.array(keys, dtype=str), features=np.stack([features[k] for k in keys]))
+        np.savez(
+            temporary,
+            keys=np.array(keys, dtype=str),
+            digests=np.array([entries[k][0] for k in keys], dtype=str),
+            features=np.stack([entries[k][1] for k in keys]),
+        )
         os.replace(temporary, self.path)
 
 
@@ -126,7 +142,9 @@ class ImageQualityMetric(Metric):
     """FID and KID of the composited results against the real photos.
 
     The real set is the input photos of the evaluated samples plus any added with
-    :meth:`add_real` (e.g. the whole split when evaluating with ``--limit``).
+    :meth:`add_real` (e.g. the whole split when evaluating with ``--limit``). The on-disk cache
+    only saves recomputing features (checked by a digest of each photo's pixels); it never adds
+    photos to the real set.
     """
 
     name = "image_quality"
@@ -160,19 +178,28 @@ class ImageQualityMetric(Metric):
     def reset(self) -> None:
         super().reset()
         self._fake: dict[str, np.ndarray] = {}
-        self._real: dict[str, np.ndarray] = self.cache.load() if self.cache else {}
-        self._real_dirty = False
+        self._real: dict[str, tuple[str, np.ndarray]] = {}  # the real set of this run
+        self._cached: dict[str, tuple[str, np.ndarray]] = self.cache.load() if self.cache else {}
+        self._cache_dirty = False
 
     def _extract(self, images: list[np.ndarray]) -> np.ndarray:
         return self.extractor.extract(images, batch_size=self.batch_size, progress=self.progress)
 
     def add_real(self, keys: list[str], images: list[np.ndarray]) -> None:
-        """Add real photos (skipping keys whose features are already known, e.g. from the cache)."""
-        todo = [(key, image) for key, image in zip(keys, images) if key not in self._real]
+        """Add real photos to the real set; features of a photo already in the cache are not recomputed."""
+        todo = []
+        for key, image in zip(keys, images):
+            digest = image_digest(image)
+            cached = self._cached.get(key)
+            if cached is not None and cached[0] == digest:
+                self._real[key] = cached
+            else:
+                todo.append((key, digest, image))
         if todo:
-            features = self._extract([image for _, image in todo])
-            self._real.update({key: row for (key, _), row in zip(todo, features)})
-            self._real_dirty = True
+            features = self._extract([image for _, _, image in todo])
+            for (key, digest, _), row in zip(todo, features):
+                self._real[key] = self._cached[key] = (digest, row)
+            self._cache_dirty = True
 
     def score(self, batch: EvalBatch) -> list[Row]:
         features = self._extract([sample.composited for sample in batch])
@@ -181,10 +208,12 @@ class ImageQualityMetric(Metric):
         return [{} for _ in batch]
 
     def compute(self) -> dict[str, float]:
-        if self.cache is not None and self._real_dirty:
-            self.cache.save(self._real)
-            self._real_dirty = False
-        real = np.stack([self._real[key] for key in sorted(self._real)]) if self._real else np.zeros((0, 1))
+        if self.cache is not None and self._cache_dirty:
+            self.cache.save(self._cached)
+            self._cache_dirty = False
+        real = (
+            np.stack([self._real[key][1] for key in sorted(self._real)]) if self._real else np.zeros((0, 1))
+        )
         fake = np.stack([self._fake[key] for key in sorted(self._fake)]) if self._fake else np.zeros((0, 1))
         if len(real) < 2 or len(fake) < 2:
             raise InvalidInputError(
@@ -209,9 +238,10 @@ class ImageQualityMetric(Metric):
         super().merge_state(states)
         for state in states:
             self._fake.update(state["fake"])
-            new_real = {k: v for k, v in state["real"].items() if k not in self._real}
-            self._real.update(new_real)
-            self._real_dirty |= bool(new_real)
+            self._real.update(state["real"])
+            new = {k: v for k, v in state["real"].items() if self._cached.get(k, ("",))[0] != v[0]}
+            self._cached.update(new)
+            self._cache_dirty |= bool(new)
 
 
 __all__ = [

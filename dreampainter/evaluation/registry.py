@@ -27,7 +27,7 @@ DEFAULT_METRICS = ("image_quality", "clip", "dino", "product", "lpips", "expansi
 
 # backbone name -> (keys allowed in its config entry, default values)
 BACKBONE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "inception": {"path": None},
+    "inception": {"path": None, "kind": "fid"},
     "clip": {"path": None, "model": "ViT-L-14"},
     "dino": {"path": None, "arch": "vit_small_patch16_224.dino", "model_kwargs": {}},
     "lpips": {"path": None, "net": "alex"},
@@ -120,6 +120,14 @@ class Backbones:
 
     def _load(self, name: str) -> Any:
         entry = self.config.backbone(name)
+        if name == "inception" and entry["kind"] != "fid":
+            if entry["kind"] != "tiny":
+                raise InvalidInputError(
+                    f"evaluation.backbones.inception.kind: expected fid or tiny, got {entry['kind']!r}"
+                )
+            from dreampainter.evaluation.tiny_backbones import TinyFeatureNet
+
+            return bb.ImageFeatureExtractor(TinyFeatureNet().to(self.config.device), name="tiny-features")
         if not entry.get("path"):
             raise MissingFileError(
                 f"no weights configured for the {name} backbone: set evaluation.backbones.{name}.path "

@@ -106,3 +106,22 @@ class TinyFeatureNet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.body(images.float() / 127.5 - 1.0)
+
+
+def write_tiny_backbones(folder: str | os.PathLike, seed: int = 0) -> dict[str, dict]:
+    """Write tiny CLIP, DINO and LPIPS-trunk files to ``folder``; return the ``evaluation.backbones`` config.
+
+    FID/KID use :class:`TinyFeatureNet` (``inception: {kind: tiny}``), which needs no file. For toy
+    runs and tests only: these scores are not comparable with published numbers.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    clip_name = save_tiny_clip(folder / "tiny_clip.bin", seed=seed)
+    arch, kwargs = save_tiny_dino(folder / "tiny_dino.safetensors", seed=seed)
+    save_random_lpips_trunk(folder / "random_alexnet_features.pth", "alex", seed=seed)
+    return {
+        "inception": {"kind": "tiny"},
+        "clip": {"model": clip_name, "path": str(folder / "tiny_clip.bin")},
+        "dino": {"arch": arch, "path": str(folder / "tiny_dino.safetensors"), "model_kwargs": kwargs},
+        "lpips": {"net": "alex", "path": str(folder / "random_alexnet_features.pth")},
+    }
