@@ -1,0 +1,506 @@
+"""DreamPainterPipeline: product photo + prompt + reference image -> the product on a new background.
+
+A diffusers ``DiffusionPipeline`` around an SD inpainting UNet with the reference adapter installed.
+Each denoising step makes one batched UNet call over the guidance branches that matter (see
+``guidance.py``); the product's pixels are pasted back from the input at the end.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import DiffusionPipeline
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from dreampainter.errors import InvalidInputError, require_file
+from dreampainter.pipelines import reference_support
+from dreampainter.pipelines.guidance import TEXT_REF, UNCOND, GuidancePlan
+from dreampainter.pipelines.image_processing import (
+    ProductInput,
+    composite,
+    feathered_alpha,
+    inpainting_mask,
+    prepare_product_input,
+    processing_size,
+    to_pil_image,
+)
+
+# The adapter's folder inside a saved pipeline (adapter.safetensors + adapter_config.json).
+ADAPTER_SUBFOLDER = "reference_adapter"
+
+
+@dataclass
+class DreamPainterPipelineOutput(BaseOutput):
+    """``images``: results at the input size (list of PIL, or arrays / tensors); ``masks``: the inpainting
+    masks used (``L`` images at the input size, 255 = repainted), one per result."""
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor | list
+    masks: list[PIL.Image.Image]
+
+
+def _as_list(value, name: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise InvalidInputError(f"{name}: the list is empty")
+        return list(value)
+    return [value]
+
+
+def _broadcast(values: list, batch_size: int, name: str) -> list:
+    """One value per prompt: a single value is shared; otherwise the lengths must match."""
+    if len(values) == 1:
+        return values * batch_size
+    if len(values) != batch_size:
+        raise InvalidInputError(
+            f"{name}: got {len(values)} values for {batch_size} prompts (give 1 or {batch_size})"
+        )
+    return values
+
+
+def _check_positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise InvalidInputError(f"{name}: must be a positive integer, got {value!r}")
+    return int(value)
+
+
+class DreamPainterPipeline(DiffusionPipeline):
+    """Product-background inpainting controlled by a prompt and a reference image.
+
+    Components: ``vae``, ``text_encoder``, ``tokenizer``, ``unet`` (a 9-channel inpainting UNet, with the
+    reference adapter installed for reference control), ``scheduler`` and ``reference_encoder``
+    (optional: without it the pipeline is text-only and equals diffusers'
+    ``StableDiffusionInpaintPipeline``).
+    """
+
+    model_cpu_offload_seq = "text_encoder->reference_encoder->unet->vae"
+    _optional_components = ["reference_encoder"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "noise_pred"]
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, reference_encoder=None):
+        super().__init__()
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            reference_encoder=reference_encoder,
+        )
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self.mask_processor = VaeImageProcessor(
+            vae_scale_factor=self.vae_scale_factor,
+            do_normalize=False,
+            do_binarize=True,
+            do_convert_grayscale=True,
+        )
+
+    # ------------------------------------------------------------------ saving and loading
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """Save every component; the UNet as a plain diffusers UNet, the adapter in ``reference_adapter/``.
+
+        Keeping the adapter out of ``unet/`` means ``unet/`` loads with ``UNet2DConditionModel`` (or into
+        diffusers' own pipelines) and the adapter is one small folder to swap or export.
+        """
+        from dreampainter.models import save_adapter, without_reference_adapter
+
+        adapter_folder = Path(save_directory) / ADAPTER_SUBFOLDER
+        if adapter_folder.exists():
+            shutil.rmtree(adapter_folder)  # never leave a stale adapter beside a new UNet
+        if not self.has_reference_adapter:
+            super().save_pretrained(save_directory, **kwargs)
+            return
+        with without_reference_adapter(self.unet):
+            super().save_pretrained(save_directory, **kwargs)
+        save_adapter(self.unet, adapter_folder)
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs
+    ) -> DreamPainterPipeline:
+        """Load a folder written by :meth:`save_pretrained` (local only), re-installing the adapter."""
+        from dreampainter.models import load_adapter
+
+        folder = Path(pretrained_model_name_or_path)
+        require_file(
+            folder / "model_index.json",
+            "pipeline folder (model_index.json)",
+            "write one with save_pretrained",
+        )
+        pipe = super().from_pretrained(str(folder), **kwargs)
+        adapter_folder = folder / ADAPTER_SUBFOLDER
+        if adapter_folder.exists():
+            load_adapter(pipe.unet, adapter_folder)
+        return pipe
+
+    # ------------------------------------------------------------------ conditions
+
+    @property
+    def has_reference_adapter(self) -> bool:
+        """Whether the UNet carries the reference adapter (else only text-only generation is possible)."""
+        return reference_support.adapter_installed(self.unet)
+
+    def encode_prompt(
+        self,
+        prompts: list[str],
+        negative_prompts: list[str] | None,
+        device: torch.device,
+        num_images_per_prompt: int,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text-encoder hidden states for the prompts (and negative prompts), one row per generated image."""
+
+        def encode(texts: list[str]) -> torch.Tensor:
+            tokens = self.tokenizer(
+                texts,
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            )
+            attention_mask = None
+            if getattr(self.text_encoder.config, "use_attention_mask", False):
+                attention_mask = tokens.attention_mask.to(device)
+            hidden = self.text_encoder(tokens.input_ids.to(device), attention_mask=attention_mask)[0]
+            return hidden.to(dtype=self.unet.dtype, device=device).repeat_interleave(
+                num_images_per_prompt, dim=0
+            )
+
+        prompt_embeds = encode(prompts)
+        negative_embeds = None if negative_prompts is None else encode(negative_prompts)
+        return prompt_embeds, negative_embeds
+
+    def encode_reference(
+        self, references: list[PIL.Image.Image | None], device: torch.device, num_images_per_prompt: int
+    ) -> torch.Tensor:
+        """Adapter input features, one row per generated image; rows without a reference are zeros."""
+        given = [image for image in references if image is not None]
+        encoder = self.reference_encoder
+        pixel_values = encoder.preprocess(given).to(device=device, dtype=encoder.dtype)
+        features = reference_support.features_for_adapter(self.unet, encoder(pixel_values))
+        features = features.to(dtype=self.unet.dtype)
+        rows = torch.zeros((len(references), *features.shape[1:]), dtype=features.dtype, device=device)
+        present = [index for index, image in enumerate(references) if image is not None]
+        rows[present] = features
+        return rows.repeat_interleave(num_images_per_prompt, dim=0)
+
+    # ------------------------------------------------------------------ inputs
+
+    def _prepare_products(
+        self, image, product_mask, batch_size: int, max_pixels: int | None
+    ) -> list[ProductInput]:
+        images = _as_list(image, "image")
+        masks = [None] * len(images) if product_mask is None else _as_list(product_mask, "product_mask")
+        if len(masks) != len(images):
+            raise InvalidInputError(f"product_mask: got {len(masks)} masks for {len(images)} images")
+        products = [
+            prepare_product_input(
+                picture,
+                mask,
+                name="image" if len(images) == 1 else f"image[{index}]",
+                mask_name="product_mask" if len(images) == 1 else f"product_mask[{index}]",
+                max_pixels=max_pixels,
+            )
+            for index, (picture, mask) in enumerate(zip(images, masks))
+        ]
+        return _broadcast(products, batch_size, "image")
+
+    def _prepare_references(self, reference_image, batch_size: int, max_pixels: int | None) -> list:
+        if reference_image is None:
+            return [None] * batch_size
+        references = _as_list(reference_image, "reference_image")
+        references = [
+            None
+            if reference is None
+            else to_pil_image(
+                reference,
+                "reference_image" if len(references) == 1 else f"reference_image[{index}]",
+                max_pixels=max_pixels,
+            )
+            for index, reference in enumerate(references)
+        ]
+        references = _broadcast(references, batch_size, "reference_image")
+        if any(reference is not None for reference in references) and (
+            self.reference_encoder is None or not self.has_reference_adapter
+        ):
+            raise InvalidInputError(
+                "reference_image: this pipeline has no reference encoder and adapter; it can only generate from text"
+            )
+        return references
+
+    def _processing_size(
+        self, products: list[ProductInput], height: int | None, width: int | None, resolution: int | None
+    ) -> tuple[int, int]:
+        factor = self.vae_scale_factor
+        if (height is None) != (width is None):
+            raise InvalidInputError("height/width: give both or neither")
+        if height is not None:
+            for name, value in (("height", height), ("width", width)):
+                if _check_positive_int(value, name) % factor:
+                    raise InvalidInputError(
+                        f"{name}: must be a multiple of {factor} (the VAE's factor), got {value}"
+                    )
+            return int(width), int(height)
+        if resolution is not None:
+            _check_positive_int(resolution, "resolution")
+        sizes = {processing_size(*product.size, factor, resolution) for product in products}
+        if len(sizes) > 1:
+            raise InvalidInputError(
+                f"image: the images need different processing sizes {sorted(sizes)}; "
+                "pass height and width, or generate them in separate calls"
+            )
+        return sizes.pop()
+
+    def _encode_masked_images(
+        self, masked_images: torch.Tensor, generator, rows_per_image: int
+    ) -> torch.Tensor:
+        """VAE latents (sampled, like diffusers) of the masked images; generator lists align with result rows."""
+        if isinstance(generator, list):
+            latents = [
+                self.vae.encode(masked_images[i : i + 1]).latent_dist.sample(generator[i * rows_per_image])
+                for i in range(masked_images.shape[0])
+            ]
+            latents = torch.cat(latents)
+        else:
+            latents = self.vae.encode(masked_images).latent_dist.sample(generator)
+        return self.vae.config.scaling_factor * latents
+
+    def _extra_step_kwargs(self, generator, eta: float) -> dict:
+        parameters = set(inspect.signature(self.scheduler.step).parameters)
+        kwargs = {}
+        if "eta" in parameters:
+            kwargs["eta"] = eta
+        if "generator" in parameters:
+            kwargs["generator"] = generator
+        return kwargs
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        image,
+        product_mask=None,
+        reference_image=None,
+        negative_prompt: str | list[str] | None = None,
+        text_guidance_scale: float = 7.5,
+        reference_guidance_scale: float | None = None,
+        reference_scale: float | dict | None = None,
+        num_inference_steps: int = 30,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        resolution: int | None = None,
+        product_dilation: int = 0,
+        paste_product: bool = True,
+        feather_radius: float = 2.0,
+        eta: float = 0.0,
+        max_pixels: int | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+    ) -> DreamPainterPipelineOutput | tuple:
+        """Generate a new background around the product.
+
+        Args:
+            prompt: the background description, one per image of the batch.
+            image: the product photo(s): RGB with ``product_mask``, or RGBA whose alpha marks the product
+                (PIL, path, HxWxC array, (C, H, W) tensor in [0, 1]); one per prompt or shared.
+            product_mask: 255 (or 1) = product; soft edges allowed. Inverted into the inpainting mask.
+            reference_image: the background reference(s): one per prompt, shared, or ``None`` (text only);
+                list entries may be ``None``.
+            text_guidance_scale, reference_guidance_scale: ``s_text`` and ``s_ref`` of the dual guidance;
+                ``s_ref`` defaults to ``s_text`` (the usual two-branch guidance).
+            reference_scale: the attention-level weight of the reference (float, or per-block dict as in
+                diffusers' ``set_ip_adapter_scale``); ``None`` keeps the UNet's current setting.
+            generator: a generator, or one per result (``len(prompts) * num_images_per_prompt``) for results
+                that do not depend on the batch they are made in.
+            height, width / resolution: the processing size (multiples of the VAE factor), or the side of the
+                square of equal area to scale to; default: the input size rounded to the VAE factor.
+            product_dilation: grow the product by this many pixels before inverting (the model keeps a margin).
+            paste_product, feather_radius: paste the product's pixels back from the input, feathered outward.
+            output_type: ``"pil"``, ``"np"`` (float in [0, 1]), ``"pt"`` or ``"latent"``.
+            callback_on_step_end: ``f(pipe, step, timestep, tensors) -> dict`` called after each step.
+        """
+        prompts = _as_list(prompt, "prompt")
+        if not all(isinstance(text, str) for text in prompts):
+            raise InvalidInputError("prompt: must be a string or a list of strings")
+        batch_size = len(prompts)
+        num_inference_steps = _check_positive_int(num_inference_steps, "num_inference_steps")
+        num_images_per_prompt = _check_positive_int(num_images_per_prompt, "num_images_per_prompt")
+        if reference_guidance_scale is None:
+            reference_guidance_scale = text_guidance_scale
+        if (
+            reference_scale is not None
+            and not isinstance(reference_scale, dict)
+            and not (
+                isinstance(reference_scale, (int, float))
+                and math.isfinite(reference_scale)
+                and reference_scale >= 0
+            )
+        ):
+            raise InvalidInputError(f"reference_scale: must be a finite number >= 0, got {reference_scale!r}")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise InvalidInputError(f"output_type: must be pil, np, pt or latent, got {output_type!r}")
+        if product_dilation < 0 or not math.isfinite(feather_radius) or feather_radius < 0:
+            raise InvalidInputError("product_dilation and feather_radius: must be >= 0")
+        unknown = sorted(set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs))
+        if unknown:
+            raise InvalidInputError(
+                f"callback_on_step_end_tensor_inputs: unknown {unknown}; available: {self._callback_tensor_inputs}"
+            )
+        num_rows = batch_size * num_images_per_prompt
+        if isinstance(generator, list) and len(generator) != num_rows:
+            raise InvalidInputError(
+                f"generator: got {len(generator)} generators for {num_rows} results "
+                f"({batch_size} prompts x {num_images_per_prompt} images)"
+            )
+
+        products = self._prepare_products(image, product_mask, batch_size, max_pixels)
+        references = self._prepare_references(reference_image, batch_size, max_pixels)
+        has_reference = any(reference is not None for reference in references)
+        plan = GuidancePlan.create(text_guidance_scale, reference_guidance_scale, has_reference)
+        width, height = self._processing_size(products, height, width, resolution)
+        device = self._execution_device
+        dtype = self.unet.dtype
+
+        # Conditions: text rows per branch, reference features per branch.
+        negatives = None
+        if UNCOND in plan.branches:
+            negatives = _broadcast(
+                _as_list(negative_prompt or "", "negative_prompt"), batch_size, "negative_prompt"
+            )
+        prompt_embeds, negative_embeds = self.encode_prompt(prompts, negatives, device, num_images_per_prompt)
+        text_rows = torch.cat(
+            [negative_embeds if branch == UNCOND else prompt_embeds for branch in plan.branches]
+        )
+        added_cond_kwargs = None
+        if self.has_reference_adapter:
+            features = (
+                self.encode_reference(references, device, num_images_per_prompt)
+                if TEXT_REF in plan.branches
+                else None
+            )
+            no_reference = reference_support.zero_features(self.unet, num_rows, device, dtype, like=features)
+            added_cond_kwargs = {
+                "image_embeds": torch.cat(
+                    [features if branch == TEXT_REF else no_reference for branch in plan.branches]
+                )
+            }
+
+        # Pixels -> model inputs at the processing size.
+        inpaint_masks = [inpainting_mask(product.product_mask, product_dilation) for product in products]
+        init_image = self.image_processor.preprocess([p.image for p in products], height=height, width=width)
+        mask_condition = self.mask_processor.preprocess(inpaint_masks, height=height, width=width)
+        init_image = init_image.to(device=device, dtype=dtype)
+        mask_condition = mask_condition.to(device=device, dtype=dtype)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(0)
+        latent_shape = (
+            num_rows,
+            self.vae.config.latent_channels,
+            height // self.vae_scale_factor,
+            width // self.vae_scale_factor,
+        )
+        latents = randn_tensor(latent_shape, generator=generator, device=device, dtype=dtype)
+        latents = latents * self.scheduler.init_noise_sigma
+
+        masked_latents = self._encode_masked_images(
+            init_image * (mask_condition < 0.5), generator, num_images_per_prompt
+        )
+        mask_latents = F.interpolate(mask_condition, size=latent_shape[-2:])
+        repeat = plan.num_branches
+        mask_latents = mask_latents.repeat_interleave(num_images_per_prompt, dim=0).repeat(repeat, 1, 1, 1)
+        masked_latents = (
+            masked_latents.to(dtype).repeat_interleave(num_images_per_prompt, dim=0).repeat(repeat, 1, 1, 1)
+        )
+        extra_step_kwargs = self._extra_step_kwargs(generator, eta)
+
+        self._num_timesteps = len(timesteps)
+        with (
+            reference_support.scale_for_call(self.unet, reference_scale),
+            self.progress_bar(total=len(timesteps)) as progress_bar,
+        ):
+            for step, t in enumerate(timesteps):
+                model_input = self.scheduler.scale_model_input(torch.cat([latents] * repeat), t)
+                model_input = torch.cat([model_input, mask_latents, masked_latents], dim=1)
+                noise_pred = self.unet(
+                    model_input,
+                    t,
+                    encoder_hidden_states=text_rows,
+                    added_cond_kwargs=added_cond_kwargs,
+                    return_dict=False,
+                )[0]
+                noise_pred = plan.combine(noise_pred)
+                step_output = self.scheduler.step(
+                    noise_pred, t, latents, **extra_step_kwargs, return_dict=False
+                )
+                latents = step_output[0]
+                if callback_on_step_end is not None:
+                    available = {"latents": latents, "prompt_embeds": prompt_embeds, "noise_pred": noise_pred}
+                    tensors = {name: available[name] for name in callback_on_step_end_tensor_inputs}
+                    latents = callback_on_step_end(self, step, t, tensors).pop("latents", latents)
+                progress_bar.update()
+
+        masks = [inpaint_masks[row // num_images_per_prompt] for row in range(num_rows)]
+        if output_type == "latent":
+            images = latents
+        else:
+            decoded = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+            images = self._finish(
+                decoded, products, num_images_per_prompt, paste_product, feather_radius, output_type
+            )
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return images, masks
+        return DreamPainterPipelineOutput(images=images, masks=masks)
+
+    def _finish(
+        self,
+        decoded: torch.Tensor,
+        products: list[ProductInput],
+        num_images_per_prompt: int,
+        paste_product: bool,
+        feather_radius: float,
+        output_type: str,
+    ):
+        """Decoded images -> input size, product pasted back, in the requested output type."""
+        decoded = (decoded.float() / 2 + 0.5).clamp(0, 1)
+        results = []
+        for row, image in enumerate(decoded):
+            product = products[row // num_images_per_prompt]
+            width, height = product.size
+            if image.shape[-2:] != (height, width):
+                image = F.interpolate(image[None], size=(height, width), mode="bicubic", antialias=True)
+                image = image[0].clamp(0, 1)
+            array = image.permute(1, 2, 0).cpu().numpy()
+            if paste_product:
+                original = np.asarray(product.image, dtype=np.float32) / 255.0
+                array = composite(array, original, feathered_alpha(product.product_mask, feather_radius))
+            results.append(array.astype(np.float32))
+        if output_type == "pil":
+            return [PIL.Image.fromarray((array * 255).round().astype(np.uint8)) for array in results]
+        same_size = len({array.shape for array in results}) == 1
+        if output_type == "np":
+            return np.stack(results) if same_size else results
+        tensors = [torch.from_numpy(array).permute(2, 0, 1) for array in results]
+        return torch.stack(tensors) if same_size else tensors

@@ -1,0 +1,53 @@
+"""A tiny randomly initialised DreamPainterPipeline, built in code, for tests, notebooks and demos."""
+
+from __future__ import annotations
+
+import os
+
+from dreampainter.pipelines.pipeline_dreampainter import DreamPainterPipeline
+
+
+def build_tiny_pipeline(
+    tokenizer_folder: str | os.PathLike,
+    *,
+    reference: bool = True,
+    projection: str = "linear",
+    backend: str = "transformers",
+    vae_block_out_channels: tuple[int, ...] = (16, 32),
+    seed: int = 0,
+) -> DreamPainterPipeline:
+    """Tiny UNet/VAE/text encoder (``dreampainter.models.tiny``); with ``reference`` also a tiny reference
+    encoder and the adapter (``projection`` ``"linear"`` or ``"resampler"``). The tokenizer's files
+    (the real CLIP BPE) are written to ``tokenizer_folder``."""
+    from dreampainter.models import AdapterConfig, build_tiny_reference_encoder, install_reference_adapter
+    from dreampainter.models.tiny import (
+        build_clip_tokenizer,
+        build_tiny_scheduler,
+        build_tiny_text_encoder,
+        build_tiny_unet,
+        build_tiny_vae,
+    )
+
+    unet = build_tiny_unet(seed=seed)
+    encoder = None
+    if reference:
+        encoder = build_tiny_reference_encoder(backend=backend, seed=seed)
+        feature_type = "global" if projection == "linear" else "tokens"
+        config = AdapterConfig(
+            projection=projection,
+            image_embed_dim=encoder.feature_dim(feature_type),
+            num_tokens=4,
+            resampler_depth=1,
+            resampler_heads=2,
+            resampler_dim_head=16,
+            resampler_ff_mult=2,
+        )
+        install_reference_adapter(unet, config)
+    return DreamPainterPipeline(
+        vae=build_tiny_vae(seed=seed, block_out_channels=vae_block_out_channels),
+        text_encoder=build_tiny_text_encoder(seed=seed),
+        tokenizer=build_clip_tokenizer(tokenizer_folder),
+        unet=unet,
+        scheduler=build_tiny_scheduler(),
+        reference_encoder=encoder,
+    )
