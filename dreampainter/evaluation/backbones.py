@@ -31,7 +31,10 @@ INCEPTION_HINT = (
     "get weights-inception-2015-12-05-6726825d.pth from the torch-fidelity v0.2.0 GitHub release "
     "(the TF FID Inception converted to PyTorch), see docs/evaluation.md"
 )
-CLIP_HINT = "get the open_clip checkpoint of this model (e.g. open_clip_pytorch_model.bin from its Hugging Face repo), see docs/evaluation.md"
+CLIP_HINT = (
+    "get the open_clip checkpoint of this model, e.g. open_clip_model.safetensors from the "
+    "timm/vit_large_patch14_clip_224.openai Hugging Face repo for ViT-L-14-quickgelu, see docs/evaluation.md"
+)
 DINO_HINT = "get model.safetensors from the timm/vit_small_patch16_224.dino Hugging Face repo (or FAIR's dino_deitsmall16_pretrain.pth), see docs/evaluation.md"
 LPIPS_HINT = "get torchvision's ImageNet weights for the LPIPS trunk (alex: alexnet-owt-7be5be79.pth), see docs/evaluation.md"
 

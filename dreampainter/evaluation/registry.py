@@ -28,7 +28,7 @@ DEFAULT_METRICS = ("image_quality", "clip", "dino", "product", "lpips", "expansi
 # backbone name -> (keys allowed in its config entry, default values)
 BACKBONE_DEFAULTS: dict[str, dict[str, Any]] = {
     "inception": {"path": None, "kind": "fid"},
-    "clip": {"path": None, "model": "ViT-L-14"},
+    "clip": {"path": None, "model": "ViT-L-14-quickgelu"},
     "dino": {"path": None, "arch": "vit_small_patch16_224.dino", "model_kwargs": {}},
     "lpips": {"path": None, "net": "alex"},
 }
