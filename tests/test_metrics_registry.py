@@ -42,6 +42,7 @@ def test_without_weights_the_weight_free_metrics_run_and_the_others_say_why_not(
     config = EvaluationConfig.from_dict(
         {
             "backbones": {"clip": {"model": "ViT-L-14", "path": str(tmp_path / "vit_l14.bin")}},
+            "segmenter": "known_scene",
             "progress": False,
         }
     )
@@ -65,6 +66,7 @@ def test_full_suite_from_local_files_and_process_split_gives_identical_results(w
             "backbones": weights,
             "feature_cache": str(tmp_path / "cache"),
             "kid_subset_size": 3,
+            "segmenter": "known_scene",
             "progress": False,
         }
     )
@@ -124,5 +126,36 @@ def test_config_errors_name_the_key():
         EvaluationConfig.from_dict({"backbones": {"clip": {"arch": "x"}}})
     with pytest.raises(InvalidInputError, match="unknown metrics \\['fid'\\]"):
         build_suite(EvaluationConfig(metrics=["fid"]))
-    no_segmenter = build_suite(EvaluationConfig(metrics=["expansion"], segmenter=None))
+    no_segmenter = build_suite(EvaluationConfig(metrics=["expansion"]))  # the default: none
     assert "segmenter" in no_segmenter.skipped["expansion"]
+    with pytest.raises(InvalidInputError, match="evaluation.segmenter"):
+        build_suite(EvaluationConfig(metrics=["expansion"], segmenter="sam"))
+
+
+def test_samples_accept_pil_numpy_and_tensors_and_name_bad_fields():
+    import torch
+    from PIL import Image
+
+    from dreampainter.evaluation.batch import EvalSample
+
+    rgb = np.random.default_rng(0).integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    as_float_chw = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
+    mask = np.zeros((6, 8), np.uint8)
+    mask[2:4, 2:5] = 255
+    sample = EvalSample(
+        key="k",
+        raw=as_float_chw,
+        composited=Image.fromarray(rgb),
+        photo=rgb.astype(np.float32) / 255,
+        product_mask=torch.from_numpy(mask > 0),
+        reference=rgb[:3],
+    )
+    assert np.array_equal(sample.raw, rgb) and np.array_equal(sample.composited, rgb)
+    assert np.array_equal(sample.photo, rgb) and np.array_equal(sample.product_mask, mask)
+    assert sample.product.sum() == 6
+    soft = EvalSample("k", rgb, rgb, rgb, mask.astype(np.float32) * 0.5, rgb)  # float 0..127.5 mask
+    assert soft.product_mask.max() == 128 and soft.product.sum() == 6
+    with pytest.raises(InvalidInputError, match="sample 'bad': raw is \\(6, 7\\)"):
+        EvalSample("bad", rgb[:, :7], rgb, rgb, mask, rgb)
+    with pytest.raises(InvalidInputError, match="batch field 'photo' has 1 items, expected 2"):
+        EvalBatch.from_lists(["a", "b"], [rgb] * 2, [rgb] * 2, [rgb], [mask] * 2, [rgb] * 2)

@@ -60,9 +60,10 @@ def to_mask_array(mask: Any, name: str) -> np.ndarray:
         raise InvalidInputError(f"{name}: expected an HxW mask, got shape {tuple(mask.shape)}")
     if mask.dtype == bool:
         return mask.astype(np.uint8) * 255
-    if np.issubdtype(mask.dtype, np.floating) or mask.max(initial=0) <= 1:
-        return np.round(np.clip(mask.astype(np.float64), 0.0, 1.0) * 255.0).astype(np.uint8)
-    return mask.astype(np.uint8)
+    values = mask.astype(np.float64)
+    if values.max(initial=0.0) <= 1.0:  # 0/1 or float in [0, 1]
+        values = values * 255.0
+    return np.round(np.clip(values, 0.0, 255.0)).astype(np.uint8)
 
 
 @dataclass

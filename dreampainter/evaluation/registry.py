@@ -18,7 +18,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from dreampainter.errors import DreamPainterError, InvalidInputError, MissingFileError
+from dreampainter.errors import (
+    CheckpointMismatchError,
+    DreamPainterError,
+    InvalidInputError,
+    MissingFileError,
+)
 from dreampainter.evaluation import backbones as bb
 from dreampainter.evaluation.base import Metric, Row
 from dreampainter.evaluation.batch import EvalBatch
@@ -47,7 +52,7 @@ class EvaluationConfig:
     kid_subsets: int = 100
     kid_subset_size: int = 1000
     seed: int = 0
-    segmenter: str | None = "known_scene"
+    segmenter: str | None = None  # "known_scene" for toy data; real data: pass a segmenter in code
     segmenter_tolerance: float = 40.0
     expansion_threshold: float = 0.01
     progress: bool = True
@@ -204,10 +209,14 @@ def _build_expansion(config: EvaluationConfig, backbones: Backbones, segmenter: 
     from dreampainter.evaluation.expansion import ExpansionMetric, KnownSceneSegmenter
 
     if segmenter is None:
-        if config.segmenter != "known_scene":
+        if config.segmenter is None:
             raise MissingFileError(
                 "object expansion needs a segmenter: pass one to build_suite(segmenter=...) "
                 "or set evaluation.segmenter: known_scene (toy data only)"
+            )
+        if config.segmenter != "known_scene":
+            raise InvalidInputError(
+                f"evaluation.segmenter: expected known_scene or null, got {config.segmenter!r}"
             )
         segmenter = KnownSceneSegmenter(config.segmenter_tolerance)
     return ExpansionMetric(segmenter, threshold=config.expansion_threshold)
@@ -307,7 +316,8 @@ def build_suite(
     segmenter: Any = None,
     metrics: list[str] | None = None,
 ) -> MetricSuite:
-    """Build the configured (or named) metrics; those that cannot be built are skipped with a reason.
+    """Build the configured (or named) metrics; those that cannot run here (weights missing or not
+    fitting, package missing) are skipped with the reason; invalid config values raise.
 
     ``backbones``: objects to use instead of loading from the config (see :class:`Backbones`), or
     the :class:`Backbones` of another suite, so that loaded backbones are shared (controls, ranks).
@@ -323,8 +333,8 @@ def build_suite(
     for name in names:
         try:
             built[name] = METRICS[name].build(config, provider, segmenter)
-        except (DreamPainterError, ImportError) as error:
-            skipped[name] = _reason(error)
+        except (MissingFileError, CheckpointMismatchError, ImportError) as error:
+            skipped[name] = _reason(error)  # cannot run here; a bad config value still raises
     return MetricSuite(built, skipped, provider)
 
 
