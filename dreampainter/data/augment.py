@@ -166,6 +166,7 @@ def prepare_reference(
     return out
 
 
-def to_signed_unit(image: torch.Tensor) -> torch.Tensor:
-    """``uint8`` pixels -> float in [-1, 1] (0 -> -1, 255 -> 1)."""
-    return image.to(torch.float32).mul_(2.0 / 255.0).sub_(1.0)
+def to_signed_unit(image: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``uint8`` pixels -> float in [-1, 1] (0 -> -1, 255 -> 1), written into ``out`` when given."""
+    out = torch.empty(image.shape) if out is None else out
+    return out.copy_(image).mul_(2.0 / 255.0).sub_(1.0)

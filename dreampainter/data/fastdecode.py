@@ -98,5 +98,19 @@ def decode_rgb(
 
 
 def decode_mask(data: bytes, name: str) -> torch.Tensor:
-    """Decode a product mask to an upright ``uint8`` (1, H, W) tensor, 255 = product."""
+    """Decode a product mask to an upright ``uint8`` (1, H, W) tensor, 255 = product.
+
+    Plain 8-bit grayscale masks without EXIF rotation take a direct path; everything else (RGBA,
+    palette, 16-bit, rotated) goes through :func:`dreampainter.data.decode.load_mask`.
+    """
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.mode == "L" and "exif" not in image.info and not image.getexif().get(_EXIF_ORIENTATION):
+            image.load()
+            mask = _as_tensor(np.asarray(image))
+            if int(mask.max()) == 1:  # a 0/1 mask
+                mask = mask * 255
+            return mask.unsqueeze(0)
+    except Exception:
+        pass  # load_mask reports the problem with a proper message
     return _as_tensor(load_mask(data, name)).unsqueeze(0)

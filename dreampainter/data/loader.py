@@ -37,6 +37,7 @@ import json
 import logging
 import random
 import tarfile
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from itertools import count, islice
 from typing import Any
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import _shuffle
 from webdataset.tariterators import base_plus_ext
@@ -70,12 +72,23 @@ from dreampainter.data.shardlist import (
     shard_order,
     split_shards,
 )
-from dreampainter.errors import InvalidInputError
+from dreampainter.errors import DreamPainterError, InvalidInputError
 
 logger = logging.getLogger(__name__)
 
 LANGUAGES = ("en", "zh", "random")
 EPOCH_MODES = ("balanced", "exact")
+# What undecodable data raises (PIL, zlib, our decoders); anything else is a bug and propagates.
+DECODE_ERRORS = (
+    DreamPainterError,
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    zlib.error,
+    Image.DecompressionBombError,
+)
+_ONE = torch.tensor(1.0)
 SKIPS_ONLY = "skips_only"  # marks the record that carries a worker's trailing skip counts
 TENSOR_KEYS = ("pixel_values", "mask", "masked_pixel_values", "product_mask", "reference_pixel_values")
 
@@ -314,30 +327,60 @@ def _choose_prompt(meta: Mapping[str, Any], language: str, rng: random.Random) -
     return chinese if use_chinese and chinese else english
 
 
+def allocate_batch(
+    batch_size: int, out_size: tuple[int, int], reference_size: int, shared: bool = False
+) -> dict[str, torch.Tensor]:
+    """Uninitialised batch tensors that :func:`process_sample` fills slot by slot (no stacking copy).
+
+    ``shared=True`` (inside DataLoader workers) allocates in shared memory, as ``default_collate``
+    does, so handing the batch to the main process does not copy it again.
+    """
+    height, width = out_size
+    shapes = {
+        "pixel_values": (3, height, width),
+        "mask": (1, height, width),
+        "masked_pixel_values": (3, height, width),
+        "product_mask": (1, height, width),
+        "reference_pixel_values": (3, reference_size, reference_size),
+    }
+    buffers = {}
+    for name, shape in shapes.items():
+        shape = (batch_size, *shape)
+        if shared:
+            numel = batch_size * shape[1] * shape[2] * shape[3]
+            storage = torch.empty(0)._typed_storage()._new_shared(numel, device="cpu")
+            buffers[name] = torch.empty(0).new(storage).resize_(shape)
+        else:
+            buffers[name] = torch.empty(shape)
+    return buffers
+
+
 def process_sample(
-    item: PlannedSample, config: LoaderConfig, out_size: tuple[int, int], seed: int = 0, epoch: int = 0
+    item: PlannedSample,
+    config: LoaderConfig,
+    out_size: tuple[int, int],
+    seed: int = 0,
+    epoch: int = 0,
+    out: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Decode and augment one planned sample to the per-sample dict (see the module docstring).
 
     ``out_size`` is ``(height, width)``. All randomness comes from ``(seed, epoch, pass, key)``.
+    ``out``: per-sample views (e.g. ``allocate_batch(...)[name][i]``) to write the tensors into.
     """
     rng = _sample_rng(seed, epoch, item)
     out_h, out_w = out_size
     mask_full = decode_mask(item.mask, item.names.get("mask", "mask"))
-    box = masks.bounding_box(mask_full > masks.MASK_THRESHOLD)
+    box = masks.bounding_box(mask_full, masks.MASK_THRESHOLD)
     plan = plan_crop(
         item.photo_header.size, (out_w, out_h), box, rng, max_zoom=config.max_zoom, flip_prob=config.flip_prob
     )
     photo = decode_rgb(
         item.photo, item.names.get("photo", "photo"), item.photo_header, min_size=plan.scaled_size
     )
-    product = masks.binarize(apply_crop(mask_full, plan, fill=0))
     grow = config.mask_grow_px
     grow_px = rng.randint(int(grow[0]), int(grow[1])) if isinstance(grow, Sequence) else int(grow)
-    product = masks.grow(product, grow_px)
-    if rng.random() < config.bbox_mask_prob:
-        product = masks.box_mask(product)
-    pixel_values = to_signed_unit(apply_crop(photo, plan, fill=127))
+    use_box = rng.random() < config.bbox_mask_prob
     reference_size = reference_decode_size(
         item.reference_header.size, config.reference_size, config.reference_mode
     )
@@ -349,17 +392,25 @@ def process_sample(
     reference_pixel_values = prepare_reference(
         reference, config.reference_size, config.reference_mode, config.reference_mean, config.reference_std
     )
+    if out is None:
+        out = {name: tensor[0] for name, tensor in allocate_batch(1, out_size, config.reference_size).items()}
+    product = out["product_mask"]
+    product.copy_(apply_crop(mask_full, plan, fill=0)).gt_(masks.MASK_THRESHOLD)  # {0, 1} float, in place
+    if grow_px:
+        product.copy_(masks.grow(product, grow_px))
+    if use_box:
+        product.copy_(masks.box_mask(product))
+    torch.sub(_ONE, product, out=out["mask"])  # inpainting mask = NOT(product)
+    pixel_values = to_signed_unit(apply_crop(photo, plan, fill=127), out=out["pixel_values"])
+    torch.mul(pixel_values, product, out=out["masked_pixel_values"])
+    out["reference_pixel_values"].copy_(reference_pixel_values)
     prompt = _choose_prompt(item.meta, config.language, rng)
     draw = rng.random()
     p_text, p_ref, p_both = config.p_drop_text, config.p_drop_reference, config.p_drop_both
     both = p_text + p_ref <= draw < p_text + p_ref + p_both
     category = item.meta.get("category")
     return {
-        "pixel_values": pixel_values,
-        "mask": masks.inpainting_mask(product),
-        "masked_pixel_values": pixel_values * product,
-        "product_mask": product,
-        "reference_pixel_values": reference_pixel_values,
+        **{name: out[name] for name in TENSOR_KEYS},
         "prompt": prompt,
         "drop_text": draw < p_text or both,
         "drop_reference": p_text <= draw < p_text + p_ref or both,
@@ -368,9 +419,16 @@ def process_sample(
     }
 
 
-def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Stack per-sample dicts into a batch: tensors stacked, strings as lists, flags as bool tensors."""
-    batch: dict[str, Any] = {name: torch.stack([s[name] for s in samples]) for name in TENSOR_KEYS}
+def collate(
+    samples: Sequence[Mapping[str, Any]], tensors: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, Any]:
+    """Stack per-sample dicts into a batch: tensors stacked, strings as lists, flags as bool tensors.
+
+    ``tensors``: the already-filled batch tensors when the samples were written into ``allocate_batch``.
+    """
+    if tensors is None:
+        tensors = {name: torch.stack([s[name] for s in samples]) for name in TENSOR_KEYS}
+    batch: dict[str, Any] = dict(tensors)
     for name in ("prompt", "key", "category"):
         batch[name] = [s[name] for s in samples]
     for name in ("drop_text", "drop_reference"):
@@ -492,16 +550,19 @@ class DreamEcomDataset(IterableDataset):
             if index < skip:
                 log.take_pending()  # the interrupted run already reported these with batch ``index``
                 continue
+            out_size = self.buckets[bucket]
+            buffers = allocate_batch(
+                len(items), out_size, self.config.reference_size, shared=info is not None
+            )
             samples = []
             for item in items:
+                slot = {name: tensor[len(samples)] for name, tensor in buffers.items()}
                 try:
-                    samples.append(
-                        process_sample(item, self.config, self.buckets[bucket], self.seed, self.epoch)
-                    )
-                except Exception as error:  # one bad sample never kills a run
+                    samples.append(process_sample(item, self.config, out_size, self.seed, self.epoch, slot))
+                except DECODE_ERRORS as error:  # one bad sample never kills a run (code bugs still raise)
                     log.skip("undecodable", f"{item.key} in {item.url}", error)
             if samples:
-                batch = collate(samples)
+                batch = collate(samples, {name: tensor[: len(samples)] for name, tensor in buffers.items()})
                 batch["skipped"] = log.take_pending()
                 yield batch
         if log.pending:  # skips after this worker's last batch: a skips-only record the loader absorbs

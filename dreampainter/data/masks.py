@@ -31,15 +31,20 @@ def grow(product: torch.Tensor, pixels: int) -> torch.Tensor:
     return grown if pixels > 0 else 1.0 - grown
 
 
-def bounding_box(product: torch.Tensor | np.ndarray) -> tuple[int, int, int, int] | None:
-    """``(x0, y0, x1, y1)`` (exclusive ends) of the nonzero pixels of an (H, W) or (1, H, W) mask, None when empty."""
-    array = np.asarray(product)
-    if array.ndim == 3:
-        array = array[0]
-    rows = np.flatnonzero(array.any(axis=1))
-    if rows.size == 0:
+def bounding_box(mask: torch.Tensor | np.ndarray, threshold: float = 0) -> tuple[int, int, int, int] | None:
+    """``(x0, y0, x1, y1)`` (exclusive ends) of the pixels ``> threshold`` of an (H, W) or (1, H, W) mask.
+
+    None when there are none. Works on ``uint8`` masks directly (threshold 127) or on {0, 1} masks.
+    """
+    tensor = torch.as_tensor(mask)
+    if tensor.ndim == 3:
+        tensor = tensor[0]
+    if tensor.dtype == torch.bool:
+        tensor = tensor.to(torch.uint8)
+    rows = torch.nonzero(tensor.amax(dim=1) > threshold)
+    if rows.numel() == 0:
         return None
-    cols = np.flatnonzero(array.any(axis=0))
+    cols = torch.nonzero(tensor.amax(dim=0) > threshold)
     return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
