@@ -124,6 +124,9 @@ def test_dino_reads_fair_style_checkpoints_and_reports_mismatches(tmp_path, dino
     assert torch.allclose(other.encode_images(image), backbone.encode_images(image))
     with pytest.raises(CheckpointMismatchError, match="model.safetensors"):
         load_dino(arch, path, model_kwargs={**kwargs, "depth": 3})
+    with pytest.raises(CheckpointMismatchError, match="model.safetensors") as info:
+        load_dino(arch, path, model_kwargs={**kwargs, "embed_dim": 48})
+    assert "\n" not in str(info.value)  # the CLI prints errors as one line
     with pytest.raises(MissingFileError, match="dino_vits16.pth") as info:
         load_dino(arch, tmp_path / "dino_vits16.pth")
     assert "vit_small_patch16_224.dino" in str(info.value)

@@ -55,7 +55,7 @@ def read_state_dict(path: str | os.PathLike, what: str, hint: str) -> dict[str, 
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a corrupt file or one that holds arbitrary pickled objects
         raise CheckpointMismatchError(
-            f"{what}: cannot read {path} as a tensor state dict ({error})"
+            f"{what}: cannot read {path} as a tensor state dict ({_one_line(error)})"
         ) from None
     for container in ("state_dict", "model", "teacher"):
         if isinstance(state, dict) and isinstance(state.get(container), dict):
@@ -63,6 +63,12 @@ def read_state_dict(path: str | os.PathLike, what: str, hint: str) -> dict[str, 
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointMismatchError(f"{what}: {path} does not hold a tensor state dict")
     return state
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, shortened (errors are printed as one line by the CLI)."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _to_pil(image: np.ndarray) -> Image.Image:
@@ -132,14 +138,14 @@ def load_inception(path: str | os.PathLike, device: str | torch.device = "cpu") 
     try:
         from torchmetrics.image.fid import NoTrainInceptionV3
     except ImportError as error:  # pragma: no cover - torchmetrics is a core dependency
-        raise ModuleNotFoundError(f"FID Inception needs torchmetrics ({error})") from None
+        raise ModuleNotFoundError(f"FID Inception needs torchmetrics ({_one_line(error)})") from None
     try:
         module = NoTrainInceptionV3(
             name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=os.fspath(path)
         )
     except RuntimeError as error:
         raise CheckpointMismatchError(
-            f"FID Inception weights {path} do not fit Inception-v3 ({error})"
+            f"FID Inception weights {path} do not fit Inception-v3 ({_one_line(error)})"
         ) from None
     return ImageFeatureExtractor(module.to(device), name="inception")
 
@@ -195,7 +201,7 @@ def load_clip(model_name: str, path: str | os.PathLike, device: str | torch.devi
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=os.fspath(path))
     except (RuntimeError, AssertionError, KeyError, ValueError) as error:
         raise CheckpointMismatchError(
-            f"CLIP weights {path} do not fit open_clip {model_name!r} ({error})"
+            f"CLIP weights {path} do not fit open_clip {model_name!r} ({_one_line(error)})"
         ) from None
     tokenizer = open_clip.get_tokenizer(model_name)
     return ClipBackbone(model.to(device).eval(), preprocess, tokenizer, name=f"clip:{model_name}")
@@ -249,7 +255,7 @@ def load_dino(
         model = timm.create_model(arch, pretrained=False, num_classes=0, **(model_kwargs or {}))
     except RuntimeError as error:
         raise InvalidInputError(
-            f"evaluation.backbones.dino.arch: cannot build timm model {arch!r} ({error})"
+            f"evaluation.backbones.dino.arch: cannot build timm model {arch!r} ({_one_line(error)})"
         ) from None
     state = {
         _DINO_PREFIXES.sub("", key): value for key, value in state.items() if not key.startswith("head.")
@@ -257,10 +263,12 @@ def load_dino(
     try:
         from timm.models.vision_transformer import checkpoint_filter_fn
 
-        state = checkpoint_filter_fn(state, model)
-    except (ImportError, TypeError, KeyError):
-        pass
-    missing, unexpected = model.load_state_dict(state, strict=False)
+        state = checkpoint_filter_fn(state, model)  # e.g. resamples position embeddings
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except (RuntimeError, ValueError, KeyError) as error:  # tensors of other shapes
+        raise CheckpointMismatchError(
+            f"DINO weights {path} do not fit timm {arch!r} ({_one_line(error)})"
+        ) from None
     if missing or unexpected:
         raise CheckpointMismatchError(
             f"DINO weights {path} do not fit timm {arch!r}: missing {sorted(missing)[:5]}, "
@@ -289,7 +297,9 @@ def load_lpips(net: str, path: str | os.PathLike, device: str | torch.device = "
     try:
         import lpips
     except ImportError as error:
-        raise ModuleNotFoundError(f"LPIPS needs the lpips package: pip install lpips ({error})") from None
+        raise ModuleNotFoundError(
+            f"LPIPS needs the lpips package: pip install lpips ({_one_line(error)})"
+        ) from None
     if net not in ("alex", "vgg", "squeeze"):
         raise InvalidInputError(f"evaluation.backbones.lpips.net: expected alex, vgg or squeeze, got {net!r}")
     trunk = read_state_dict(path, f"LPIPS {net} trunk weights", LPIPS_HINT)

@@ -39,6 +39,8 @@ class Metric(ABC):
 
     def update(self, batch: EvalBatch) -> list[Row]:
         """Score ``batch``, remember the values by sample key, and return them."""
+        if len(batch) == 0:  # e.g. a process that got no samples
+            return []
         rows = self.score(batch)
         for sample, row in zip(batch, rows):
             self._rows[sample.key] = row
