@@ -122,3 +122,18 @@ def test_background_colour_metric_uses_only_the_background():
         EvalBatch.from_lists(["k"], [grey], [grey], [photo], [mask], [reference])
     )[0]
     assert far["bg_delta_e"] > 10 * row["bg_delta_e"] and far["bg_hist_chi2"] == pytest.approx(1.0)
+
+
+def test_background_distances_rank_the_true_reference_above_a_shuffled_one():
+    photo, mask, reference = toy_scene()
+    other = reference.copy()
+    other[:20] = (60, 110, 160)  # another scene: blue wall, green floor
+    other[20:] = (70, 140, 60)
+    result = photo.copy()
+    result[mask == 0] = np.clip(reference[mask == 0].astype(int) - 3, 0, 255)  # a close repaint (same bins)
+    batch = EvalBatch.from_lists(
+        ["true", "shuffled"], [result] * 2, [result] * 2, [photo] * 2, [mask] * 2, [reference, other]
+    )
+    true_row, shuffled_row = BackgroundColourMetric().update(batch)
+    for name in ("bg_delta_e", "bg_hist_chi2", "bg_emd"):
+        assert true_row[name] < shuffled_row[name] / 4, name
