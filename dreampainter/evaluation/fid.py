@@ -128,7 +128,7 @@ class FeatureCache:
         """Write atomically (temp file + rename) so a killed run never leaves a half-written cache."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         keys = sorted(entries)
-        temporary = self.path.with_name(self.path.name + ".tmp.npz")
+        temporary = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp.npz")  # one per process
         np.savez(
             temporary,
             keys=np.array(keys, dtype=str),
