@@ -193,3 +193,14 @@ def test_missing_or_unsafe_inception_file_is_a_clear_error(tmp_path):
     torch.save({"weights": FeaturesAsImages(3)}, unsafe)  # a pickled module, refused by weights_only
     with pytest.raises(CheckpointMismatchError, match="unsafe.pth"):
         load_inception(unsafe)
+
+
+def test_feature_extractor_gives_each_image_the_same_features_whatever_its_batch():
+    extractor = ImageFeatureExtractor(TinyFeatureNet(), name="tiny")
+    rng = np.random.default_rng(7)
+    small = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
+    large = rng.integers(0, 256, (28, 36, 3), dtype=np.uint8)
+    alone = extractor.extract([small], progress=False)
+    mixed = extractor.extract([large, small, large], progress=False)
+    assert np.allclose(mixed[1], alone[0], atol=1e-6)
+    assert np.allclose(mixed[0], mixed[2]) and not np.allclose(mixed[0], mixed[1])

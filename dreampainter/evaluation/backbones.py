@@ -99,9 +99,9 @@ def encode_in_chunks(
 class ImageFeatureExtractor(nn.Module):
     """Turns a list of uint8 ``HxWx3`` images into an ``(N, D)`` feature matrix.
 
-    Wraps any module that takes a uint8 ``NCHW`` batch (images are first resized to
-    ``input_size`` when the module needs a fixed size) and returns ``(N, D)`` features, e.g.
-    torchmetrics' FID Inception or a tiny network for tests and the toy demo.
+    Wraps any module that takes a uint8 ``NCHW`` batch and returns ``(N, D)`` features, e.g.
+    torchmetrics' FID Inception (which resizes to 299 inside) or a tiny network for tests and
+    the toy demo. With ``input_size`` set, images are first resized (bicubic) to that square.
     """
 
     def __init__(self, module: nn.Module, name: str, input_size: int | None = None) -> None:
@@ -117,12 +117,21 @@ class ImageFeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        if self.input_size is not None or len({image.shape for image in images}) > 1:
-            size = self.input_size or 299
-            images = [np.asarray(_to_pil(image).resize((size, size), Image.BICUBIC)) for image in images]
-        batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous().to(self.device)
-        features = self.module(batch)
-        return features.reshape(len(images), -1)
+        """Features of each image; images of different sizes go through the module in separate
+        groups, so an image's features never depend on which others share its batch."""
+        if self.input_size is not None:
+            size = (self.input_size, self.input_size)
+            images = [np.asarray(_to_pil(image).resize(size, Image.BICUBIC)) for image in images]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for index, image in enumerate(images):
+            groups.setdefault(image.shape, []).append(index)
+        rows: list[torch.Tensor | None] = [None] * len(images)
+        for indices in groups.values():
+            batch = torch.from_numpy(np.stack([images[i] for i in indices])).permute(0, 3, 1, 2)
+            features = self.module(batch.contiguous().to(self.device)).reshape(len(indices), -1)
+            for index, row in zip(indices, features):
+                rows[index] = row
+        return torch.stack(rows)
 
     def extract(
         self, images: Sequence[np.ndarray], batch_size: int = 32, progress: bool = True
