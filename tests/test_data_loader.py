@@ -295,3 +295,52 @@ def test_loader_config_accepts_a_plain_mapping():
     config = LoaderConfig.from_dict({"resolution": [48, 64], "buckets": True})
     assert config.size == (48, 64)
     assert (64, 64) in config.bucket_sizes()
+
+
+def test_fsspec_urls_and_a_remote_index(tmp_path):
+    import fsspec
+
+    keys = write_shards(tmp_path, 2, 3)
+    fs = fsspec.filesystem("memory")
+    for path in sorted(tmp_path.iterdir()):
+        fs.pipe(f"/dreamecom/{path.name}", path.read_bytes())
+    config = {**SMALL, "epoch_mode": "exact", "drop_last": False}
+    shards = resolve_shards("memory://dreamecom/index.json")
+    assert shards.urls == ["memory://dreamecom/shard-0000.tar", "memory://dreamecom/shard-0001.tar"]
+    assert shards.counts == [3, 3]
+    assert sorted(_keys(build_dataloader("memory://dreamecom/index.json", config, batch_size=2))) == keys
+
+
+def test_http_shards_through_webdataset_gopen(tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    keys = write_shards(tmp_path, 2, 2)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/index.json"
+        config = {**SMALL, "epoch_mode": "exact", "drop_last": False}
+        loader = build_dataloader(url, config, batch_size=2)
+        assert sorted(_keys(loader)) == keys and loader.skips.total == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_skip_warnings_are_rate_limited(tmp_path, caplog):
+    samples = [(f"bad{i:02d}", make_members(f"bad{i:02d}", i, prompt="")) for i in range(25)]
+    samples.append(("ok", make_members("ok", 99)))
+    write_tar(tmp_path / "x.tar", samples)
+    with caplog.at_level("WARNING", logger="dreampainter.data.loader"):
+        loader = build_dataloader(
+            tmp_path, {**SMALL, "epoch_mode": "exact", "drop_last": False}, batch_size=1
+        )
+        assert _keys(loader) == ["ok"]
+    assert loader.skips.as_dict() == {"empty_prompt": 25}
+    warned = [record for record in caplog.records if "empty_prompt" in record.getMessage()]
+    assert len(warned) == 6  # the first five, then the tenth

@@ -28,6 +28,18 @@ worker; each worker's shuffle buffer and every sample's augmentation draw from R
 planned from cheap header reads (sizes, buckets, truncation and JSON checks) before any pixel is
 decoded, so ``resume_samples`` fast-forwards each worker by re-planning, not re-decoding. Resuming
 exactly needs the same ``world_size``, ``num_workers`` and ``batch_size`` as the interrupted run.
+
+Epoch length. ``epoch_mode="balanced"`` (default) gives every worker of every rank the same number of
+batches (from the index's counts, or ``samples_per_epoch``), so DDP ranks never wait on each other
+and resume is exact anywhere in the epoch; a worker that runs short (skips, bucket leftovers)
+continues into a reshuffled next pass of its own shards. ``epoch_mode="exact"`` yields every sample
+exactly once (evaluation, single process); there a resume point after the first worker of the rank
+has run dry (the ragged last batches of the epoch) is not exact. ``resampled=True`` draws shards with
+replacement (endless without a count).
+
+Distributed use: pass ``rank`` / ``world_size`` explicitly (``accelerator.process_index`` /
+``num_processes``) and do not pass the loader through ``accelerator.prepare`` (that would shard it a
+second time); ``len(loader)`` is the number of batches per rank and epoch in balanced mode.
 """
 
 from __future__ import annotations
