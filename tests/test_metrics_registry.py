@@ -8,6 +8,7 @@ import pytest
 
 from dreampainter.errors import InvalidInputError
 from dreampainter.evaluation import EvalBatch, EvaluationConfig, build_suite
+from dreampainter.evaluation.registry import json_ready
 from dreampainter.evaluation.tiny_backbones import TinyFeatureNet, write_tiny_backbones
 
 WEIGHT_FREE = {"product", "expansion", "colour"}
@@ -57,7 +58,11 @@ def test_without_weights_the_weight_free_metrics_run_and_the_others_say_why_not(
     assert report["values"]["composite_change_max"] == 0
     assert report["values"]["expansion_mean"] == 0
     assert set(report["skipped"]) == {"image_quality", "clip", "dino", "lpips"}
-    json.dumps(report)  # metrics.json material
+    assert suite.columns()[:2] == ["psnr", "ssim"] and "bg_emd" in suite.columns()
+    assert suite.higher_is_better()["psnr"] is True and suite.higher_is_better()["expansion"] is False
+    report["values"]["nothing"] = float("nan")
+    text = json.dumps(json_ready(report), allow_nan=False)  # strict JSON for metrics.json
+    assert json.loads(text)["values"]["nothing"] is None
 
 
 def test_full_suite_from_local_files_and_process_split_gives_identical_results(weights, tmp_path):

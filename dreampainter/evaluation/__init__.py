@@ -9,6 +9,7 @@ from dreampainter.evaluation.registry import (
     MetricSpec,
     MetricSuite,
     build_suite,
+    json_ready,
     register_metric,
 )
 
@@ -22,5 +23,6 @@ __all__ = [
     "MetricSpec",
     "MetricSuite",
     "build_suite",
+    "json_ready",
     "register_metric",
 ]

@@ -14,6 +14,7 @@ others still run.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -276,6 +277,14 @@ class MetricSuite:
                 rows[sample.key].update(row)
         return rows
 
+    def columns(self) -> list[str]:
+        """Per-sample column names of the running metrics, in metric order (a CSV header)."""
+        return [column for metric in self.metrics.values() for column in metric.columns]
+
+    def higher_is_better(self) -> dict[str, bool]:
+        """Direction of each value that has one (for picking best and worst cases)."""
+        return {k: v for metric in self.metrics.values() for k, v in metric.higher_is_better.items()}
+
     def per_sample(self) -> dict[str, Row]:
         """Every per-sample value seen so far, merged over metrics, by key (sorted)."""
         merged: dict[str, Row] = {}
@@ -346,5 +355,19 @@ __all__ = [
     "MetricSpec",
     "MetricSuite",
     "build_suite",
+    "json_ready",
     "register_metric",
 ]
+
+
+def json_ready(value: Any) -> Any:
+    """``value`` with NaN/inf floats as ``None`` and numpy scalars as python ones (strict JSON)."""
+    if isinstance(value, dict):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
