@@ -344,3 +344,17 @@ def test_skip_warnings_are_rate_limited(tmp_path, caplog):
     assert loader.skips.as_dict() == {"empty_prompt": 25}
     warned = [record for record in caplog.records if "empty_prompt" in record.getMessage()]
     assert len(warned) == 6  # the first five, then the tenth
+
+
+def test_exact_mode_resume_is_exact_in_the_ragged_tail(tmp_path):
+    # uneven shards: the two workers run dry at different batches
+    for shard, size in enumerate([2, 9, 3, 8]):
+        samples = [(f"u{shard}x{i}", make_members(f"u{shard}x{i}", 10 * shard + i)) for i in range(size)]
+        write_tar(tmp_path / f"u{shard}.tar", samples)
+    config = {**SMALL, "epoch_mode": "exact", "drop_last": False, "shuffle_shards": False}
+    args = {"batch_size": 2, "num_workers": 2, "seed": 4}
+    full = [_fingerprint(batch) for batch in build_dataloader(tmp_path, config, **args)]
+    assert sum(len(f[0]) for f in full) == 22
+    for consumed in range(1, len(full)):
+        resumed = build_dataloader(tmp_path, config, resume_samples=2 * consumed, **args)
+        assert [_fingerprint(batch) for batch in resumed] == full[consumed:], consumed

@@ -33,9 +33,9 @@ Epoch length. ``epoch_mode="balanced"`` (default) gives every worker of every ra
 batches (from the index's counts, or ``samples_per_epoch``), so DDP ranks never wait on each other
 and resume is exact anywhere in the epoch; a worker that runs short (skips, bucket leftovers)
 continues into a reshuffled next pass of its own shards. ``epoch_mode="exact"`` yields every sample
-exactly once (evaluation, single process); there a resume point after the first worker of the rank
-has run dry (the ragged last batches of the epoch) is not exact. ``resampled=True`` draws shards with
-replacement (endless without a count).
+exactly once (evaluation, single process); workers then run dry at different points, so a resume
+with several workers first plans (headers only) every worker's batch count to replay the
+DataLoader's round-robin. ``resampled=True`` draws shards with replacement (endless without a count).
 
 Distributed use: pass ``rank`` / ``world_size`` explicitly (``accelerator.process_index`` /
 ``num_processes``) and do not pass the loader through ``accelerator.prepare`` (that would shard it a
@@ -51,7 +51,7 @@ import random
 import tarfile
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import count, islice
 from typing import Any
@@ -198,8 +198,8 @@ class SkipCounter:
 class _SkipLog:
     """A worker's skip bookkeeping: counts since the last batch, and rate-limited warnings."""
 
-    def __init__(self, worker: int) -> None:
-        self.worker = worker
+    def __init__(self, worker: int, quiet: bool = False) -> None:
+        self.worker, self.quiet = worker, quiet
         self.totals: Counter[str] = Counter()
         self.pending: Counter[str] = Counter()
 
@@ -207,6 +207,8 @@ class _SkipLog:
         self.totals[reason] += number
         self.pending[reason] += number
         seen = self.totals[reason]
+        if self.quiet:
+            return
         if seen <= 5 or str(seen).rstrip("0") == "1":  # the first five, then at 10, 100, 1000, ...
             logger.warning(
                 "skipped %s (%s): %s [worker %d, %d %s so far]",
@@ -544,21 +546,13 @@ class DreamEcomDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        # The DataLoader visits its workers round-robin from worker 0; after ``resume_batches`` batches
-        # the uninterrupted run would be at worker ``resume_batches % num_workers``, so rotate the roles.
-        worker = ((info.id if info is not None else 0) + self.resume_batches) % self.num_workers
+        consumed, next_worker = self._resume_position()
+        # The DataLoader visits its workers round-robin from worker 0, the interrupted run would go on
+        # with logical worker ``next_worker``: rotate the roles so that both orders coincide.
+        worker = ((info.id if info is not None else 0) + next_worker) % self.num_workers
         log = _SkipLog(worker)
-        planned = self._planned_items(worker, log)
-        batches: Iterable[tuple[int, list[PlannedSample]]] = bucket_batches(
-            planned,
-            lambda item: nearest_bucket(item.photo_header.size, self.buckets),
-            self.batch_size,
-            self.config.drop_last,
-        )
-        if self.batches_per_worker is not None:
-            batches = islice(batches, self.batches_per_worker)
-        skip = max(0, (self.resume_batches - worker + self.num_workers - 1) // self.num_workers)
-        for index, (bucket, items) in enumerate(batches):
+        skip = consumed[worker]
+        for index, (bucket, items) in enumerate(self._planned_batches(worker, log)):
             if index < skip:
                 log.take_pending()  # the interrupted run already reported these with batch ``index``
                 continue
@@ -579,6 +573,37 @@ class DreamEcomDataset(IterableDataset):
                 yield batch
         if log.pending:  # skips after this worker's last batch: a skips-only record the loader absorbs
             yield {SKIPS_ONLY: True, "skipped": log.take_pending()}
+
+    def _planned_batches(self, worker: int, log: _SkipLog) -> Iterator[tuple[int, list[PlannedSample]]]:
+        """``(bucket, samples)`` batches of one logical worker, planned from headers only."""
+        batches = bucket_batches(
+            self._planned_items(worker, log),
+            lambda item: nearest_bucket(item.photo_header.size, self.buckets),
+            self.batch_size,
+            self.config.drop_last,
+        )
+        if self.batches_per_worker is not None:
+            batches = islice(batches, self.batches_per_worker)
+        return batches
+
+    def _resume_position(self) -> tuple[list[int], int]:
+        """Batches each logical worker had delivered after ``resume_batches``, and the worker due next.
+
+        With equal-length workers (balanced / resampled) this is plain round-robin arithmetic. In
+        exact mode workers run dry at different points, so every worker's batch count is planned
+        (headers only, reading this rank's shards once per worker) and the round-robin is replayed.
+        """
+        workers, target = self.num_workers, self.resume_batches
+        if self.batches_per_worker is not None or workers == 1 or target == 0:
+            return [max(0, (target - w + workers - 1) // workers) for w in range(workers)], target % workers
+        totals = [sum(1 for _ in self._planned_batches(w, _SkipLog(w, quiet=True))) for w in range(workers)]
+        consumed, turn, served = [0] * workers, 0, 0
+        while served < target and any(c < n for c, n in zip(consumed, totals)):
+            if consumed[turn] < totals[turn]:
+                consumed[turn] += 1
+                served += 1
+            turn = (turn + 1) % workers
+        return consumed, turn
 
     def _planned_items(self, worker: int, log: _SkipLog) -> Iterator[PlannedSample]:
         """This worker's shards -> tar groups -> seeded shuffle buffer -> cheap checks, pass after pass."""
