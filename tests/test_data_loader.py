@@ -358,3 +358,16 @@ def test_exact_mode_resume_is_exact_in_the_ragged_tail(tmp_path):
     for consumed in range(1, len(full)):
         resumed = build_dataloader(tmp_path, config, resume_samples=2 * consumed, **args)
         assert [_fingerprint(batch) for batch in resumed] == full[consumed:], consumed
+
+
+def test_reads_the_committed_toy_fixture_written_by_the_shard_writer():
+    folder = Path(__file__).resolve().parents[1] / "data" / "fixtures" / "toy" / "train"
+    index = json.loads((folder / "index.json").read_text())
+    config = {**SMALL, "epoch_mode": "exact", "drop_last": False, "language": "zh", "reference_aligned": True}
+    loader = build_dataloader(folder, config, batch_size=3)
+    batches = list(loader)
+    assert sum(len(batch["key"]) for batch in batches) == index["num_samples"]
+    assert loader.skips.total == 0
+    for batch in batches:
+        assert all(prompt and not prompt.isascii() for prompt in batch["prompt"])  # the Chinese prompts
+        assert (batch["product_mask"].flatten(1).mean(1) > 0.01).all()
