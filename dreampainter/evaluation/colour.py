@@ -23,13 +23,16 @@ _RGB_TO_XYZ = np.array(
     [[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]]
 )
 _WHITE_D65 = np.array([0.95047, 1.0, 1.08883])
+_LEVELS = np.arange(256) / 255.0
+_SRGB_TO_LINEAR = np.where(_LEVELS > 0.04045, ((_LEVELS + 0.055) / 1.055) ** 2.4, _LEVELS / 12.92)
 
 
 def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
     """8-bit sRGB ``(..., 3)`` to CIELAB (D65, 2° observer), as scikit-image's ``rgb2lab``."""
-    c = np.asarray(rgb, dtype=np.float64) / 255.0
-    linear = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
-    xyz = linear @ _RGB_TO_XYZ.T / _WHITE_D65
+    linear = _SRGB_TO_LINEAR[np.asarray(rgb, dtype=np.uint8)]  # a 256-entry table: 8-bit input
+    r, g, b = linear[..., 0], linear[..., 1], linear[..., 2]
+    # Written out rather than `linear @ M.T`: a BLAS call on an (N, 3) matrix is slower here.
+    xyz = np.stack([(m[0] * r + m[1] * g + m[2] * b) / w for m, w in zip(_RGB_TO_XYZ, _WHITE_D65)], axis=-1)
     f = np.where(xyz > 0.008856, np.cbrt(xyz), 7.787 * xyz + 16.0 / 116.0)
     lightness = 116.0 * f[..., 1] - 16.0
     return np.stack([lightness, 500.0 * (f[..., 0] - f[..., 1]), 200.0 * (f[..., 1] - f[..., 2])], axis=-1)
