@@ -77,6 +77,10 @@ def test_full_suite_from_local_files_and_process_split_gives_identical_results(w
     )
     batches = [toy_batch(["a", "b", "c"], 1), toy_batch(["d", "e"], 2), toy_batch(["f", "g"], 3)]
 
+    import open_clip.factory
+
+    # As in a fresh process (e.g. the CLI): the tiny CLIP config is not registered yet.
+    open_clip.factory._MODEL_CONFIGS.pop(weights["clip"]["model"], None)
     one = build_suite(config)  # every backbone from the config: files, and the tiny FID features
     assert not one.skipped
     for batch in batches:
