@@ -25,7 +25,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from dreampainter.errors import CheckpointMismatchError, InvalidInputError, MissingFileError, require_file
+from dreampainter.errors import CheckpointMismatchError, InvalidInputError, require_file
 
 INCEPTION_HINT = (
     "get weights-inception-2015-12-05-6726825d.pth from the torch-fidelity v0.2.0 GitHub release "
@@ -336,7 +336,6 @@ __all__ = [
     "ClipBackbone",
     "DinoBackbone",
     "ImageFeatureExtractor",
-    "MissingFileError",
     "encode_in_chunks",
     "load_clip",
     "load_dino",
