@@ -236,8 +236,10 @@ def test_config_rejects_unknown_keys_and_bad_values():
 
 
 @pytest.mark.parametrize("orientation", [1, 6, 8, 3])
-@pytest.mark.parametrize("scale", [1, 3])  # 3: the photo is decoded in JPEG draft mode at reduced size
-def test_exif_rotated_jpeg_photo_stays_aligned_with_its_upright_mask(orientation, scale):
+@pytest.mark.parametrize(
+    ("fmt", "scale"), [("JPEG", 1), ("JPEG", 3), ("PNG", 1)]
+)  # JPEG at 3x: decoded in draft mode at reduced size
+def test_exif_rotated_photo_stays_aligned_with_its_upright_mask(orientation, fmt, scale):
     from PIL import Image
 
     height, width = 40 * scale, 56 * scale
@@ -257,7 +259,7 @@ def test_exif_rotated_jpeg_photo_stays_aligned_with_its_upright_mask(orientation
     exif = Image.Exif()
     exif[0x0112] = orientation
     buffer = io.BytesIO()
-    stored.save(buffer, "JPEG", quality=100, exif=exif.tobytes())
+    stored.save(buffer, fmt, exif=exif.tobytes(), **({"quality": 100} if fmt == "JPEG" else {}))
     item = _planned(upright, mask, upright)
     item.photo = buffer.getvalue()
     item.photo_header = probe(item.photo, "photo")

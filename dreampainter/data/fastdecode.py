@@ -51,7 +51,9 @@ def probe(data: bytes, name: str, max_pixels: int | None = None) -> ImageHeader:
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             orientation = 1
-            if image.format in ("JPEG", "WEBP", "PNG", "TIFF"):
+            # PNG's getexif() decodes the whole image to look for a trailing eXIf chunk: only read
+            # EXIF that the header already carries (decode_rgb checks the decoded shape agrees).
+            if image.format in ("JPEG", "WEBP", "TIFF") or "exif" in image.info:
                 orientation = int(image.getexif().get(_EXIF_ORIENTATION, 1) or 1)
     except Exception as error:  # PIL raises many types for garbage headers
         raise InvalidInputError(f"{name}: not a decodable image ({type(error).__name__})") from None
@@ -81,7 +83,21 @@ def decode_rgb(
     """Decode to an upright ``uint8`` (3, H, W) tensor, possibly reduced (on decode) towards ``min_size`` (w, h).
 
     The result is never smaller than ``min_size`` on either axis (unless the image itself is).
+    Raises :class:`InvalidInputError` when the decoded orientation disagrees with ``header``.
     """
+    pixels = _decode_rgb(data, name, header, min_size)
+    width, height = header.size
+    decoded_w, decoded_h = pixels.shape[2], pixels.shape[1]
+    if (decoded_w - decoded_h) * (width - height) < 0:  # landscape <-> portrait: a rotation we missed
+        raise InvalidInputError(
+            f"{name}: EXIF orientation not visible in the header ({width}x{height} expected)"
+        )
+    return pixels
+
+
+def _decode_rgb(
+    data: bytes, name: str, header: ImageHeader, min_size: tuple[int, int] | None
+) -> torch.Tensor:
     if header.format == "JPEG":
         width, height = header.size
         if min_size is not None and 2 * min_size[0] <= width and 2 * min_size[1] <= height:
