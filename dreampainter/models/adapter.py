@@ -228,10 +228,13 @@ def adapter_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def cast_frozen_unet(unet: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Cast every UNet parameter and buffer to ``dtype`` except the adapter's, which stay float32."""
-    adapter = {id(p) for p in adapter_parameters(unet)}
+    """Cast every parameter that does not require grad (and every buffer) to ``dtype``.
+
+    Mark the trainable parameters first (adapter, LoRA): they stay float32 while the frozen UNet runs
+    in fp16/bf16.
+    """
     for param in unet.parameters():
-        if id(param) not in adapter and param.is_floating_point():
+        if not param.requires_grad and param.is_floating_point():
             param.data = param.data.to(dtype)
     for module in unet.modules():
         for key, buffer in module.named_buffers(recurse=False):

@@ -1,0 +1,114 @@
+"""Load what a training run needs from local folders, with errors that say what to download.
+
+``model.pretrained`` is either a diffusers Stable-Diffusion-inpainting folder (``vae/``, ``unet/``,
+``text_encoder/``, ``tokenizer/``, ``scheduler/``) or a DreamPainter pipeline folder (the same plus
+``reference_encoder/`` and ``reference_adapter/``), e.g. the output of stage 1 or of the demo.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from omegaconf import DictConfig
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from dreampainter.errors import InvalidInputError, MissingFileError, require_file
+from dreampainter.models import (
+    AdapterConfig,
+    ReferenceEncoder,
+    import_ip_adapter,
+    install_reference_adapter,
+    load_adapter,
+)
+
+SD_HINT = (
+    "download a Stable-Diffusion-1.5 inpainting model in diffusers format (e.g. "
+    "stable-diffusion-v1-5/stable-diffusion-inpainting) and set model.pretrained to its folder"
+)
+ADAPTER_SUBFOLDER = "reference_adapter"
+ENCODER_SUBFOLDER = "reference_encoder"
+
+
+@dataclass
+class TrainingComponents:
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    unet: UNet2DConditionModel
+    noise_scheduler: DDPMScheduler
+    scheduler_folder: Path  # the inference scheduler saved with the output pipeline
+    reference_encoder: ReferenceEncoder | None
+
+
+def _require_component(folder: Path, name: str, filename: str) -> Path:
+    require_file(folder / name / filename, f"model.pretrained component '{name}' ({filename})", SD_HINT)
+    return folder / name
+
+
+def load_reference_encoder(config: DictConfig, folder: Path) -> ReferenceEncoder:
+    """The pipeline folder's own encoder if it has one, else the one ``model.reference_encoder`` names."""
+    if (folder / ENCODER_SUBFOLDER / "config.json").exists():
+        return ReferenceEncoder.from_pretrained(str(folder / ENCODER_SUBFOLDER))
+    section = config.model.reference_encoder
+    if not section.path:
+        raise MissingFileError(
+            "model.reference_encoder.path is not set: download open_clip ViT-H-14 weights "
+            "(laion/CLIP-ViT-H-14-laion2B-s32B-b79K, open_clip_pytorch_model.bin) or a CLIPVisionModelWithProjection "
+            "folder (h94/IP-Adapter models/image_encoder) and point the config at it"
+        )
+    if section.backend == "open_clip":
+        return ReferenceEncoder.from_open_clip(section.model_name, section.path, resize_mode=section.resize_mode)
+    return ReferenceEncoder.from_transformers(section.path, resize_mode=section.resize_mode)
+
+
+def adapter_config_from(config: DictConfig, encoder: ReferenceEncoder) -> AdapterConfig:
+    section = {k: v for k, v in dict(config.model.adapter).items() if k != "init_from"}
+    probe = AdapterConfig(projection=section["projection"])
+    return AdapterConfig(**section, image_embed_dim=encoder.feature_dim(probe.feature_type))
+
+
+def attach_adapter(config: DictConfig, unet: UNet2DConditionModel, encoder: ReferenceEncoder, folder: Path) -> None:
+    """Stage 2: continue the folder's adapter, or initialise from ``adapter.init_from``, or start fresh."""
+    init_from = config.model.adapter.init_from
+    if (folder / ADAPTER_SUBFOLDER).exists() and not init_from:
+        load_adapter(unet, folder / ADAPTER_SUBFOLDER)
+        return
+    if not init_from:
+        install_reference_adapter(unet, adapter_config_from(config, encoder))
+        return
+    source = Path(init_from)
+    if source.is_dir():
+        load_adapter(unet, source)
+    elif source.suffix in (".bin", ".safetensors"):
+        import_ip_adapter(unet, source, scale=config.model.adapter.scale)
+    else:
+        raise InvalidInputError(f"model.adapter.init_from: {source} is neither an adapter folder nor a .bin/.safetensors file")
+
+
+def load_components(config: DictConfig) -> TrainingComponents:
+    if not config.model.pretrained:
+        raise InvalidInputError(f"config model.pretrained is not set ({SD_HINT})")
+    folder = Path(config.model.pretrained)
+    if not folder.is_dir():
+        raise MissingFileError(f"model.pretrained folder not found: {folder} ({SD_HINT})")
+    vae = AutoencoderKL.from_pretrained(str(_require_component(folder, "vae", "config.json")))
+    unet = UNet2DConditionModel.from_pretrained(str(_require_component(folder, "unet", "config.json")))
+    if unet.config.in_channels != 9:
+        raise InvalidInputError(
+            f"{folder / 'unet'}: an inpainting UNet has 9 input channels, this one has {unet.config.in_channels}"
+        )
+    text_encoder = CLIPTextModel.from_pretrained(str(_require_component(folder, "text_encoder", "config.json")))
+    tokenizer_folder = folder / "tokenizer"
+    if not tokenizer_folder.is_dir():
+        raise MissingFileError(f"model.pretrained component 'tokenizer' not found: {tokenizer_folder} ({SD_HINT})")
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_folder))
+    scheduler_folder = _require_component(folder, "scheduler", "scheduler_config.json")
+    noise_scheduler = DDPMScheduler.from_pretrained(str(scheduler_folder))
+    encoder = None
+    if config.run.stage == 2 or (folder / ENCODER_SUBFOLDER).exists():
+        encoder = load_reference_encoder(config, folder)
+    if config.run.stage == 2:
+        attach_adapter(config, unet, encoder, folder)
+    return TrainingComponents(vae, text_encoder, tokenizer, unet, noise_scheduler, scheduler_folder, encoder)

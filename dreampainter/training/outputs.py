@@ -1,0 +1,75 @@
+"""What a finished run leaves behind: a pipeline folder, the adapter (ours + IP-Adapter layout), LoRA."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from diffusers import SchedulerMixin
+from omegaconf import DictConfig
+
+from dreampainter.errors import InvalidInputError
+from dreampainter.models import export_ip_adapter, has_reference_adapter, save_adapter
+from dreampainter.training.components import TrainingComponents
+
+logger = logging.getLogger(__name__)
+
+
+def _inference_scheduler(folder: Path) -> SchedulerMixin:
+    import json
+
+    import diffusers
+
+    config = json.loads((folder / "scheduler_config.json").read_text())
+    scheduler_class = getattr(diffusers, config.get("_class_name", "DDIMScheduler"), diffusers.DDIMScheduler)
+    return scheduler_class.from_pretrained(str(folder))
+
+
+def build_pipeline(parts: TrainingComponents, unet):
+    """A DreamPainterPipeline over the run's current components (shares their weights; no copies)."""
+    from dreampainter.pipelines import DreamPainterPipeline
+
+    encoder = parts.reference_encoder if has_reference_adapter(unet) or parts.reference_encoder else None
+    return DreamPainterPipeline(
+        vae=parts.vae,
+        text_encoder=parts.text_encoder,
+        tokenizer=parts.tokenizer,
+        unet=unet,
+        scheduler=_inference_scheduler(parts.scheduler_folder),
+        reference_encoder=encoder,
+    )
+
+
+def _merge_lora(unet, output_dir: Path) -> None:
+    """Save the LoRA weights on their own, then fuse them so ``unet/`` is a plain diffusers UNet."""
+    if not getattr(unet, "peft_config", None):
+        return
+    unet.save_lora_adapter(str(output_dir / "lora"))
+    unet.fuse_lora()
+    unet.unload_lora()
+
+
+def save_outputs(config: DictConfig, accelerator: Accelerator, parts: TrainingComponents, unet, ema, trainable, output_dir: Path):
+    """Final weights (EMA when enabled) -> ``pipeline/``, ``adapter/``, ``ip_adapter.safetensors``, ``lora/``."""
+    accelerator.wait_for_everyone()
+    pipeline_dir = output_dir / "pipeline"
+    if accelerator.is_main_process:
+        unet = accelerator.unwrap_model(unet)
+        if ema is not None:
+            ema.copy_to(trainable)
+        unet.to(torch.float32)
+        _merge_lora(unet, output_dir)
+        pipeline = build_pipeline(parts, unet)
+        pipeline.to(torch.float32)
+        pipeline.save_pretrained(str(pipeline_dir))
+        if has_reference_adapter(unet):
+            save_adapter(unet, output_dir / "adapter")
+            try:
+                export_ip_adapter(unet, output_dir / "ip_adapter.safetensors")
+            except InvalidInputError as error:
+                logger.warning("no IP-Adapter export: %s", error)
+        accelerator.print(f"saved pipeline to {pipeline_dir}")
+    accelerator.wait_for_everyone()
+    return pipeline_dir

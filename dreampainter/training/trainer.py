@@ -1,0 +1,425 @@
+"""One accelerate training loop for both stages.
+
+Stage 1 fine-tunes the inpainting UNet (fully or with LoRA) on product masks, text only. Stage 2
+trains the reference adapter (projection + every ``to_k_ref`` / ``to_v_ref``) with the UNet frozen
+(or LoRA), dropping text, reference or both as the loader's flags say. The loop reads top to bottom:
+set up -> (resume) -> for each batch: loss, backward, step, EMA, log, checkpoint, validate -> save.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from dreampainter.data.loader import LoaderConfig, build_dataloader
+from dreampainter.errors import DreamPainterError, InvalidInputError
+from dreampainter.models import adapter_parameters, cast_frozen_unet, reference_features
+from dreampainter.training import checkpointing
+from dreampainter.training.components import TrainingComponents, load_components
+from dreampainter.training.config import save_config, unet_training_mode
+from dreampainter.training.outputs import save_outputs
+from dreampainter.training.step import (
+    StepInputs,
+    condition_reference,
+    diffusion_loss,
+    drop_masks,
+    encode_latent_distribution,
+    encode_prompts,
+    latent_mask,
+    select_text,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingStoppedError(DreamPainterError):
+    """The run cannot go on (e.g. the loss stayed NaN/inf)."""
+
+
+@dataclass
+class TrainState:
+    """Where the run is: saved in every checkpoint (with the noise generator) so resume is exact."""
+
+    global_step: int = 0
+    epoch: int = 0
+    epoch_batches: int = 0  # batches this rank consumed in the current epoch
+    skipped_steps: int = 0
+    consecutive_bad_steps: int = 0
+    generator: torch.Generator = field(default_factory=torch.Generator)
+
+    def state_dict(self) -> dict:
+        return {
+            "global_step": self.global_step,
+            "epoch": self.epoch,
+            "epoch_batches": self.epoch_batches,
+            "skipped_steps": self.skipped_steps,
+            "consecutive_bad_steps": self.consecutive_bad_steps,
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("global_step", "epoch", "epoch_batches", "skipped_steps", "consecutive_bad_steps"):
+            setattr(self, key, int(state[key]))
+        self.generator.set_state(state["generator"])
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    pipeline_dir: Path | None
+    global_step: int
+    losses: list[float]
+    skipped_steps: int
+    skipped_samples: dict[str, int]
+    seconds: float
+    rank_checksums: list[float] = field(default_factory=list)  # of the trainable weights, one per rank
+
+
+def _rank_checksums(accelerator: Accelerator, params: list[torch.nn.Parameter]) -> list[float]:
+    """A float64 checksum of the trainable weights from every rank (they must all agree)."""
+    checksum = torch.zeros(1, dtype=torch.float64, device=accelerator.device)
+    for index, param in enumerate(params):
+        checksum += param.detach().double().sum() * (1 + index % 7)
+    return [float(value) for value in accelerator.gather(checksum).cpu()]
+
+
+def _weight_dtype(mixed_precision: str) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def _trackers(config: DictConfig) -> str | None:
+    report_to = config.logging.report_to
+    if report_to == "wandb":
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            logger.warning("wandb is not installed: logging to tensorboard instead")
+            report_to = "tensorboard"
+    if report_to == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            logger.warning("tensorboard is not installed: metrics are only printed")
+            return None
+    return None if report_to == "none" else report_to
+
+
+def _mark_trainable(config: DictConfig, parts: TrainingComponents) -> list[torch.nn.Parameter]:
+    """Freeze everything, then enable what this stage trains; returns the trainable parameters."""
+    for module in (parts.vae, parts.text_encoder, parts.reference_encoder):
+        if module is not None:
+            module.requires_grad_(False)
+    unet = parts.unet
+    mode = unet_training_mode(config)
+    unet.requires_grad_(mode == "full")
+    if mode == "lora":
+        from peft import LoraConfig
+
+        lora = config.model.lora
+        unet.add_adapter(
+            LoraConfig(
+                r=lora.rank,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                init_lora_weights="gaussian",
+                target_modules=list(lora.target_modules),
+            )
+        )
+    if config.run.stage == 2:
+        for param in adapter_parameters(unet):
+            param.requires_grad_(True)
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    if not trainable:
+        raise InvalidInputError("nothing to train: check run.stage and model.unet_training")
+    return trainable
+
+
+def _optimizer(config: DictConfig, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+    optim = config.optim
+    kwargs = dict(lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay, eps=optim.eps)
+    want_8bit = optim.use_8bit_adam == "yes" or (optim.use_8bit_adam == "auto" and device.type == "cuda")
+    if want_8bit:
+        try:
+            import bitsandbytes as bnb
+
+            return bnb.optim.AdamW8bit(params, **kwargs)
+        except ImportError:
+            if optim.use_8bit_adam == "yes":
+                raise InvalidInputError("optim.use_8bit_adam=yes needs bitsandbytes (pip install bitsandbytes)") from None
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def _prepare_inputs(batch: dict, parts: TrainingComponents, empty_embeds: torch.Tensor, stage: int, device) -> StepInputs:
+    """Pixels -> latent distributions, latent-size mask, text embeddings, reference features."""
+    latent_mean, latent_std = encode_latent_distribution(parts.vae, batch["pixel_values"].to(device))
+    masked_mean, masked_std = encode_latent_distribution(parts.vae, batch["masked_pixel_values"].to(device))
+    drop_text, drop_reference = drop_masks(batch, stage)
+    text = select_text(encode_prompts(parts.tokenizer, parts.text_encoder, list(batch["prompt"])), empty_embeds, drop_text)
+    features = None
+    if stage == 2:
+        with torch.no_grad():
+            encoded = parts.reference_encoder(batch["reference_pixel_values"].to(device))
+        features = condition_reference(
+            reference_features(encoded, parts.unet.reference_adapter_config).float(), drop_reference
+        )
+    return StepInputs(
+        latent_mean.float(),
+        latent_std.float(),
+        masked_mean.float(),
+        masked_std.float(),
+        latent_mask(batch["mask"].to(device), tuple(latent_mean.shape[-2:])),
+        text,
+        features,
+    )
+
+
+def _flat_hparams(config: DictConfig) -> dict:
+    """``{"optim.lr": 1e-4, ...}`` with scalar values only (what tensorboard's hparams accept)."""
+    flat = {}
+
+    def visit(node, prefix: str) -> None:
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                visit(value, f"{name}.")
+            else:
+                flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    visit(OmegaConf.to_container(config, resolve=True), "")
+    return flat
+
+
+def _all_finite(accelerator: Accelerator, loss: torch.Tensor) -> bool:
+    finite = torch.isfinite(loss.detach()).float().reshape(1)
+    return bool(accelerator.gather(finite).min() > 0)
+
+
+def train(config: DictConfig) -> TrainResult:
+    """Run one training stage as ``config`` describes (see ``configs/`` and ``docs/training.md``)."""
+    started = time.perf_counter()
+    output_dir = Path(config.run.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.train.gradient_accumulation_steps,
+        mixed_precision=config.train.mixed_precision,
+        log_with=_trackers(config),
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        checkpointing.remove_stale_temporaries(output_dir)
+        save_config(config, output_dir / "config.yaml")
+    set_seed(config.run.seed)  # identical initialisation of new weights on every rank
+    if config.train.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    parts = load_components(config)
+    stage, device = config.run.stage, accelerator.device
+    weight_dtype = _weight_dtype(config.train.mixed_precision)
+    trainable = _mark_trainable(config, parts)
+    for module in (parts.vae, parts.text_encoder, parts.reference_encoder):
+        if module is not None:
+            module.to(device=device, dtype=weight_dtype).eval()
+    unet = parts.unet.to(device)
+    cast_frozen_unet(unet, weight_dtype)
+    if config.train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    empty_embeds = encode_prompts(parts.tokenizer, parts.text_encoder, [""])
+
+    optimizer = _optimizer(config, trainable, device)
+    lr_scheduler = get_scheduler(
+        config.optim.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=config.optim.warmup_steps * accelerator.num_processes,
+        num_training_steps=config.train.max_steps * accelerator.num_processes,
+    )
+    ema = None
+    if config.train.ema.enabled:
+        ema = EMAModel(trainable, decay=config.train.ema.decay)
+        ema.to(device)
+        accelerator.register_for_checkpointing(ema)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    state = TrainState()
+    state.generator.manual_seed(config.run.seed * 1000 + accelerator.process_index)
+    accelerator.register_for_checkpointing(state)
+
+    resume = checkpointing.resolve_resume(output_dir, config.checkpoint.resume_from_checkpoint)
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        accelerator.print(f"resumed from {resume} at step {state.global_step} (epoch {state.epoch})")
+    if accelerator.is_main_process and accelerator.trackers is not None:
+        init_kwargs = {"wandb": {"mode": config.logging.wandb_mode}}
+        accelerator.init_trackers(config.logging.project, _flat_hparams(config), init_kwargs)
+
+    validation = _Validator(config, parts, accelerator, output_dir)
+    loader_config = LoaderConfig.from_dict(OmegaConf.to_container(config.data.loader, resolve=True))
+    progress = tqdm(
+        total=config.train.max_steps, initial=state.global_step, desc=f"stage {stage}",
+        disable=not accelerator.is_local_main_process, dynamic_ncols=True,
+    )
+    losses: list[float] = []
+    window_start, window_samples = time.perf_counter(), 0
+    batch_size = config.train.batch_size
+    loader = None
+    key_log = None
+    if config.logging.sample_keys:
+        (output_dir / "sample_keys").mkdir(parents=True, exist_ok=True)
+        key_log = open(output_dir / "sample_keys" / f"rank-{accelerator.process_index}.txt", "a")  # noqa: SIM115
+    while state.global_step < config.train.max_steps:
+        loader = build_dataloader(
+            config.data.train, loader_config, batch_size=batch_size, rank=accelerator.process_index,
+            world_size=accelerator.num_processes, num_workers=config.data.num_workers, epoch=state.epoch,
+            seed=config.run.seed, resume_samples=state.epoch_batches * batch_size,
+        )
+        for batch in loader:
+            state.epoch_batches += 1
+            if key_log is not None:
+                key_log.write("\n".join(batch["key"]) + "\n")
+            with accelerator.accumulate(unet):
+                inputs = _prepare_inputs(batch, parts, empty_embeds, stage, device)
+                with accelerator.autocast():
+                    loss = diffusion_loss(
+                        unet, parts.noise_scheduler, inputs, state.generator,
+                        snr_gamma=config.train.snr_gamma, noise_offset=config.train.noise_offset,
+                    )
+                if not _all_finite(accelerator, loss):
+                    optimizer.zero_grad(set_to_none=True)
+                    state.skipped_steps += 1
+                    state.consecutive_bad_steps += 1
+                    if state.consecutive_bad_steps >= config.train.max_consecutive_bad_steps:
+                        raise TrainingStoppedError(
+                            f"loss was NaN/inf for {state.consecutive_bad_steps} steps in a row at step "
+                            f"{state.global_step}: lower optim.lr, use bf16 instead of fp16, or check the data"
+                        )
+                    continue
+                state.consecutive_bad_steps = 0
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.optim.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(trainable, config.optim.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            window_samples += batch_size * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            state.global_step += 1
+            if ema is not None:
+                ema.step(trainable)
+            losses.append(float(loss.detach()))
+            progress.update(1)
+            if state.global_step % config.logging.every_steps == 0 or state.global_step == config.train.max_steps:
+                rate = window_samples / max(time.perf_counter() - window_start, 1e-9)
+                window_start, window_samples = time.perf_counter(), 0
+                logs = {
+                    "loss": losses[-1], "lr": lr_scheduler.get_last_lr()[0], "samples_per_s": rate,
+                    "skipped_steps": state.skipped_steps, "skipped_samples": loader.skips.total,
+                }
+                progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", sps=f"{rate:.1f}")
+                accelerator.log(logs, step=state.global_step)
+            if config.checkpoint.every_steps > 0 and state.global_step % config.checkpoint.every_steps == 0:
+                checkpointing.save_checkpoint(accelerator, output_dir, state.global_step, config.checkpoint.keep_last)
+            validation.maybe_run(state.global_step, unet, ema, trainable)
+            if state.global_step >= config.train.max_steps:
+                break
+        else:
+            state.epoch += 1
+            state.epoch_batches = 0
+    progress.close()
+    if key_log is not None:
+        key_log.close()
+    checksums = _rank_checksums(accelerator, trainable)
+    if len(set(checksums)) > 1:
+        raise TrainingStoppedError(f"ranks hold different weights after training (checksums {checksums})")
+
+    validation.maybe_run(state.global_step, unet, ema, trainable, final=True)
+    pipeline_dir = save_outputs(config, accelerator, parts, unet, ema, trainable, output_dir)
+    accelerator.end_training()
+    skipped = loader.skips.as_dict() if loader is not None else {}
+    result = TrainResult(
+        output_dir, pipeline_dir, state.global_step, losses, state.skipped_steps, skipped,
+        time.perf_counter() - started, checksums,
+    )
+    if accelerator.is_main_process:
+        _write_summary(result, accelerator.num_processes)
+    return result
+
+
+def _write_summary(result: TrainResult, num_processes: int) -> None:
+    summary = {
+        "global_step": result.global_step,
+        "seconds": round(result.seconds, 2),
+        "num_processes": num_processes,
+        "final_loss": result.losses[-1] if result.losses else None,
+        "mean_loss_last_10": sum(result.losses[-10:]) / max(1, len(result.losses[-10:])),
+        "skipped_steps": result.skipped_steps,
+        "skipped_samples": result.skipped_samples,
+        "rank_checksums": result.rank_checksums,
+    }
+    (result.output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+class _Validator:
+    """Every ``validation.every_steps`` (and at the end), a grid on fixed samples, on the main process."""
+
+    def __init__(self, config: DictConfig, parts: TrainingComponents, accelerator: Accelerator, output_dir: Path):
+        self.config, self.parts, self.accelerator = config, parts, accelerator
+        self.folder = output_dir / "validation"
+        self.samples = None
+        self.last_step = -1
+
+    def maybe_run(self, step: int, unet, ema, trainable, final: bool = False) -> None:
+        every = self.config.validation.every_steps
+        due = final or (every > 0 and step % every == 0)
+        if not due or step == self.last_step or self.config.validation.num_samples <= 0:
+            return
+        self.last_step = step
+        if self.accelerator.is_main_process:
+            self._run(step, unet, ema, trainable)
+        self.accelerator.wait_for_everyone()
+
+    def _run(self, step: int, unet, ema, trainable) -> None:
+        from dreampainter.training.outputs import build_pipeline
+        from dreampainter.training.validation import read_validation_samples, save_grid, validation_grid
+
+        if self.samples is None:
+            source = self.config.data.validation or self.config.data.train
+            self.samples = read_validation_samples(source, self.config.validation.num_samples)
+        if not self.samples:
+            return
+        if ema is not None:
+            ema.store(trainable)
+            ema.copy_to(trainable)
+        try:
+            pipeline = build_pipeline(self.parts, self.accelerator.unwrap_model(unet))
+            grid = validation_grid(pipeline, self.samples, self.config.validation, list(self.config.validation.prompts))
+        finally:
+            if ema is not None:
+                ema.restore(trainable)
+        path = save_grid(grid, self.folder, step)
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                import numpy as np
+
+                tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.log({"validation": wandb.Image(grid)}, step=step)
+        logger.info("validation grid: %s", path)
+
+
+def steps_per_epoch(num_samples: int, batch_size: int, world_size: int, accumulation: int) -> int:
+    """Optimizer steps in one epoch (for planning ``max_steps``)."""
+    return max(1, math.floor(num_samples / (batch_size * world_size * accumulation)))
