@@ -408,8 +408,8 @@ class DreamPainterPipeline(DiffusionPipeline):
         inpaint_masks = [inpainting_mask(product.product_mask, product_dilation) for product in products]
         init_image = self.image_processor.preprocess([p.image for p in products], height=height, width=width)
         mask_condition = self.mask_processor.preprocess(inpaint_masks, height=height, width=width)
-        init_image = init_image.to(device=device, dtype=dtype)
-        mask_condition = mask_condition.to(device=device, dtype=dtype)
+        init_image = init_image.to(device=device, dtype=self.vae.dtype)  # the VAE may run in another dtype
+        mask_condition = mask_condition.to(device=device, dtype=self.vae.dtype)
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
@@ -427,7 +427,7 @@ class DreamPainterPipeline(DiffusionPipeline):
         masked_latents = self._encode_masked_images(
             init_image * (mask_condition < 0.5), generator, num_images_per_prompt
         )
-        mask_latents = F.interpolate(mask_condition, size=latent_shape[-2:])
+        mask_latents = F.interpolate(mask_condition, size=latent_shape[-2:]).to(dtype)
         repeat = plan.num_branches
         mask_latents = mask_latents.repeat_interleave(num_images_per_prompt, dim=0).repeat(repeat, 1, 1, 1)
         masked_latents = (
@@ -465,7 +465,8 @@ class DreamPainterPipeline(DiffusionPipeline):
         if output_type == "latent":
             images = latents
         else:
-            decoded = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+            latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+            decoded = self.vae.decode(latents, return_dict=False)[0]
             images = self._finish(
                 decoded, products, num_images_per_prompt, paste_product, feather_radius, output_type
             )
