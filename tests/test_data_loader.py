@@ -291,10 +291,19 @@ def test_tar_entries_outside_samples_are_ignored(tmp_path):
     assert _keys(loader) == ["only"] and loader.skips.total == 0
 
 
-def test_loader_config_accepts_a_plain_mapping():
+def test_loader_config_accepts_plain_and_omegaconf_mappings(tmp_path):
+    from omegaconf import OmegaConf
+
     config = LoaderConfig.from_dict({"resolution": [48, 64], "buckets": True})
     assert config.size == (48, 64)
     assert (64, 64) in config.bucket_sizes()
+    yaml = OmegaConf.create(
+        {"resolution": 32, "reference_size": 16, "mask_grow_px": [1, 2], "epoch_mode": "exact"}
+    )
+    write_shards(tmp_path, 1, 2)
+    loader = build_dataloader(tmp_path, yaml, batch_size=2)
+    batch = next(iter(loader))
+    assert batch["pixel_values"].shape == (2, 3, 32, 32)
 
 
 def test_fsspec_urls_and_a_remote_index(tmp_path):

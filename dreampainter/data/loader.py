@@ -125,10 +125,10 @@ class LoaderConfig:
     mask_grow_px: int | Sequence[int] = 0  # dilate (>0) / erode (<0) the product mask; (lo, hi): random
     bbox_mask_prob: float = 0.0  # probability of using the product's bounding box as its mask
     shuffle_shards: bool = True
-    shuffle_buffer: int = 1000  # 0 disables sample shuffling
+    shuffle_buffer: int = 1000  # encoded samples held per worker (~memory); 0 disables sample shuffling
     resampled: bool = False  # endless: shards drawn with replacement
     epoch_mode: str = "balanced"  # "balanced": same number of batches on every rank/worker | "exact"
-    samples_per_epoch: int | None = None  # overrides the index's count for the epoch length
+    samples_per_epoch: int | None = None  # epoch length over all ranks; overrides the index's counts
     drop_last: bool = True
     max_pixels: int | None = 64_000_000
 
@@ -150,6 +150,13 @@ class LoaderConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> LoaderConfig:
         """Build from a plain or OmegaConf mapping; unknown keys are an error (typos must not pass silently)."""
+        try:
+            from omegaconf import OmegaConf
+
+            if OmegaConf.is_config(values):
+                values = OmegaConf.to_container(values, resolve=True)
+        except ImportError:  # pragma: no cover - omegaconf is a project dependency
+            pass
         values = dict(values or {})
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
@@ -685,7 +692,7 @@ def build_dataloader(
     ``source``: folder, ``index.json``, brace pattern, URL or URL list. ``rank`` / ``world_size`` come
     from the caller (e.g. ``accelerator.process_index`` / ``num_processes``); do not also shard the
     loader with ``accelerator.prepare``. ``resume_samples``: samples this rank already consumed in
-    ``epoch`` (batches x ``batch_size``).
+    ``epoch`` (batches x ``batch_size``). Build one loader per epoch (the epoch seeds the shard order).
     """
     if not isinstance(config, LoaderConfig):
         config = LoaderConfig.from_dict(config)
