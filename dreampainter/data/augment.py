@@ -138,32 +138,37 @@ def prepare_reference(
 ) -> torch.Tensor:
     """A reference image as a normalised float ``(3, size, size)`` tensor for a CLIP vision encoder.
 
-    ``mode="pad"`` scales the longer side to ``size`` and pads the rest with the mean colour (0 after
-    normalisation), so nothing is cut or distorted; ``mode="crop"`` scales the shorter side to
-    ``size`` and centre-crops (CLIPImageProcessor's behaviour). Resizing is bicubic and antialiased.
+    ``mode="pad"`` pads the short side symmetrically with the mean colour (~0 after normalisation) and
+    scales the square to ``size``, so nothing is cut or distorted; ``mode="crop"`` scales the shorter
+    side to ``size`` and centre-crops (CLIPImageProcessor's behaviour). Resizing is bicubic and
+    antialiased, on ``uint8`` pixels. Same geometry as
+    :func:`dreampainter.models.reference_encoder.prepare_reference` (used at inference), so training
+    and inference see the same reference preprocessing.
     """
     if mode not in REFERENCE_MODES:
         raise InvalidInputError(f"reference_mode must be one of {REFERENCE_MODES}, got {mode!r}")
     pixels = to_uint8_chw(image, "reference")
     height, width = pixels.shape[-2:]
     if mode == "pad":
-        scale = size / max(width, height)
-        new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+        side = max(height, width)
+        if height != width:
+            fill = torch.tensor([round(255 * m) for m in mean], dtype=torch.uint8).view(3, 1, 1)
+            canvas = fill.expand(3, side, side).clone()
+            top, left = (side - height) // 2, (side - width) // 2
+            canvas[:, top : top + height, left : left + width] = pixels
+            pixels = canvas
+        new_h = new_w = size
     else:
         scale = size / min(width, height)
-        new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    if (new_h, new_w) != (height, width):
+        new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
+    if tuple(pixels.shape[-2:]) != (new_h, new_w):
         pixels = TF.resize(pixels, [new_h, new_w], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     if mode == "crop":
         top, left = (new_h - size) // 2, (new_w - size) // 2
         pixels = pixels[:, top : top + size, left : left + size]
-        return (pixels.float().div_(255.0) - mean_t).div_(std_t)
-    out = torch.zeros(3, size, size)
-    top, left = (size - new_h) // 2, (size - new_w) // 2
-    out[:, top : top + new_h, left : left + new_w] = (pixels.float().div_(255.0) - mean_t).div_(std_t)
-    return out
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (pixels.float().div_(255.0) - mean_t).div_(std_t)
 
 
 def to_signed_unit(image: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
