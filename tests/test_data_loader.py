@@ -182,6 +182,12 @@ def test_resampled_mode_is_endless_without_a_count_and_deterministic(tmp_path):
     first = [next(iterator)["key"] for _ in range(10)]  # 20 samples from 6: it wraps around
     again = iter(build_dataloader(tmp_path, config, batch_size=2, seed=3))
     assert first == [next(again)["key"] for _ in range(10)]
+    # a sample drawn again later in the stream is augmented afresh
+    variants: dict[str, set] = {}
+    for batch in (next(again) for _ in range(40)):
+        for key, pixels in zip(batch["key"], batch["pixel_values"]):
+            variants.setdefault(key, set()).add(round(float(pixels.sum()), 3))
+    assert any(len(seen) > 1 for seen in variants.values())
 
 
 def _fingerprint(batch) -> tuple:

@@ -635,10 +635,12 @@ class DreamEcomDataset(IterableDataset):
     def _items_of_pass(
         self, worker: int, pass_index: int, shards: Iterator[int], log: _SkipLog
     ) -> Iterator[PlannedSample]:
-        counts = self.shards.counts
+        """One pass over ``shards``. Resampled mode is one endless pass in which each shard draw gets
+        its own index, so a sample drawn twice is augmented differently (still deterministically)."""
+        counts, resampled = self.shards.counts, self.config.resampled
         groups = (
-            group
-            for shard in shards
+            {**group, "__pass__": draw if resampled else pass_index}
+            for draw, shard in enumerate(shards)
             for group in iter_tar_groups(
                 self.shards.urls[shard], log, None if counts is None else counts[shard]
             )
@@ -655,7 +657,7 @@ class DreamEcomDataset(IterableDataset):
             except _Skip as skip:
                 log.skip(skip.reason, f"{group['__key__']} in {group['__url__']}", skip)
                 continue
-            item.pass_index = pass_index
+            item.pass_index = group["__pass__"]
             yield item
 
 
