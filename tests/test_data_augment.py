@@ -14,7 +14,8 @@ from dreampainter.data import masks
 from dreampainter.data.augment import CropPlan, apply_crop, plan_crop, prepare_reference
 from dreampainter.data.buckets import bucket_batches, make_buckets, nearest_bucket
 from dreampainter.data.fastdecode import probe
-from dreampainter.data.loader import LoaderConfig, PlannedSample, process_sample
+from dreampainter.data.loader_config import LoaderConfig
+from dreampainter.data.sample import PlannedSample, process_sample
 from dreampainter.errors import InvalidInputError
 
 

@@ -351,7 +351,7 @@ def test_skip_warnings_are_rate_limited(tmp_path, caplog):
     samples = [(f"bad{i:02d}", make_members(f"bad{i:02d}", i, prompt="")) for i in range(25)]
     samples.append(("ok", make_members("ok", 99)))
     write_tar(tmp_path / "x.tar", samples)
-    with caplog.at_level("WARNING", logger="dreampainter.data.loader"):
+    with caplog.at_level("WARNING", logger="dreampainter.data.skips"):
         loader = build_dataloader(
             tmp_path, {**SMALL, "epoch_mode": "exact", "drop_last": False}, batch_size=1
         )
