@@ -12,6 +12,7 @@ import re
 import shutil
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 
 from dreampainter.errors import InvalidInputError, MissingFileError
@@ -59,8 +60,25 @@ def remove_stale_temporaries(output_dir: str | Path) -> None:
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, keep_last: int) -> Path:
-    """``save_state`` into a temporary folder on every rank, then rename and prune on the main process."""
+def rank_state_path(checkpoint: str | Path, rank: int) -> Path:
+    return Path(checkpoint) / f"rank_state_{rank}.pt"
+
+
+def load_rank_state(checkpoint: str | Path, rank: int) -> dict:
+    """What :func:`save_checkpoint` stored for this rank alone (e.g. its noise generator)."""
+    path = rank_state_path(checkpoint, rank)
+    if not path.exists():
+        raise MissingFileError(f"{checkpoint}: no state for rank {rank} ({path.name}); was it saved with another world size?")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def save_checkpoint(
+    accelerator: Accelerator, output_dir: str | Path, step: int, keep_last: int, rank_state: dict | None = None
+) -> Path:
+    """``save_state`` into a temporary folder on every rank, then rename and prune on the main process.
+
+    ``rank_state`` is saved by every rank on its own (accelerate's custom objects are saved by rank 0 only).
+    """
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f"{TMP_PREFIX}{step}"
@@ -69,6 +87,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if rank_state is not None:
+        torch.save(rank_state, rank_state_path(tmp, accelerator.process_index))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():  # the same step saved again (e.g. the final save after a periodic one)

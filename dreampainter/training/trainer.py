@@ -8,6 +8,7 @@ set up -> (resume) -> for each batch: loss, backward, step, EMA, log, checkpoint
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ from dreampainter.data.loader import LoaderConfig, build_dataloader
 from dreampainter.errors import DreamPainterError, InvalidInputError
 from dreampainter.models import adapter_parameters, cast_frozen_unet, reference_features
 from dreampainter.training import checkpointing
+from dreampainter.training.cache import cached_step_inputs, is_cached_batch, open_latent_cache
 from dreampainter.training.components import TrainingComponents, load_components
 from dreampainter.training.config import save_config, unet_training_mode
 from dreampainter.training.outputs import save_outputs
@@ -50,29 +52,20 @@ class TrainingStoppedError(DreamPainterError):
 
 @dataclass
 class TrainState:
-    """Where the run is: saved in every checkpoint (with the noise generator) so resume is exact."""
+    """Where the run is, saved in every checkpoint so resume is exact (the same on every rank)."""
 
     global_step: int = 0
     epoch: int = 0
-    epoch_batches: int = 0  # batches this rank consumed in the current epoch
+    epoch_batches: int = 0  # batches each rank consumed in the current epoch
     skipped_steps: int = 0
     consecutive_bad_steps: int = 0
-    generator: torch.Generator = field(default_factory=torch.Generator)
 
     def state_dict(self) -> dict:
-        return {
-            "global_step": self.global_step,
-            "epoch": self.epoch,
-            "epoch_batches": self.epoch_batches,
-            "skipped_steps": self.skipped_steps,
-            "consecutive_bad_steps": self.consecutive_bad_steps,
-            "generator": self.generator.get_state(),
-        }
+        return dataclasses.asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("global_step", "epoch", "epoch_batches", "skipped_steps", "consecutive_bad_steps"):
+        for key in self.state_dict():
             setattr(self, key, int(state[key]))
-        self.generator.set_state(state["generator"])
 
 
 @dataclass
@@ -93,6 +86,14 @@ def _rank_checksums(accelerator: Accelerator, params: list[torch.nn.Parameter]) 
     for index, param in enumerate(params):
         checksum += param.detach().double().sum() * (1 + index % 7)
     return [float(value) for value in accelerator.gather(checksum).cpu()]
+
+
+def _use_cpu() -> bool:
+    """Without any accelerator, processes started by ``accelerate launch`` / torchrun train on the CPU with gloo."""
+    accelerator_api = getattr(torch, "accelerator", None)
+    if accelerator_api is not None and hasattr(accelerator_api, "is_available"):
+        return not accelerator_api.is_available()
+    return not torch.cuda.is_available()
 
 
 def _weight_dtype(mixed_precision: str) -> torch.dtype:
@@ -163,6 +164,8 @@ def _optimizer(config: DictConfig, params: list[torch.nn.Parameter], device: tor
 
 def _prepare_inputs(batch: dict, parts: TrainingComponents, empty_embeds: torch.Tensor, stage: int, device) -> StepInputs:
     """Pixels -> latent distributions, latent-size mask, text embeddings, reference features."""
+    if is_cached_batch(batch):  # data.cache: everything but the UNet was computed by cache-latents
+        return cached_step_inputs(batch, stage, device)
     latent_mean, latent_std = encode_latent_distribution(parts.vae, batch["pixel_values"].to(device))
     masked_mean, masked_std = encode_latent_distribution(parts.vae, batch["masked_pixel_values"].to(device))
     drop_text, drop_reference = drop_masks(batch, stage)
@@ -211,6 +214,7 @@ def train(config: DictConfig) -> TrainResult:
     started = time.perf_counter()
     output_dir = Path(config.run.output_dir)
     accelerator = Accelerator(
+        cpu=_use_cpu(),
         gradient_accumulation_steps=config.train.gradient_accumulation_steps,
         mixed_precision=config.train.mixed_precision,
         log_with=_trackers(config),
@@ -252,12 +256,14 @@ def train(config: DictConfig) -> TrainResult:
         accelerator.register_for_checkpointing(ema)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     state = TrainState()
-    state.generator.manual_seed(config.run.seed * 1000 + accelerator.process_index)
     accelerator.register_for_checkpointing(state)
+    # This rank's noise / timestep / latent-sampling draws; checkpointed per rank.
+    generator = torch.Generator().manual_seed(config.run.seed * 1000 + accelerator.process_index)
 
     resume = checkpointing.resolve_resume(output_dir, config.checkpoint.resume_from_checkpoint)
     if resume is not None:
         accelerator.load_state(str(resume))
+        generator.set_state(checkpointing.load_rank_state(resume, accelerator.process_index)["generator"])
         accelerator.print(f"resumed from {resume} at step {state.global_step} (epoch {state.epoch})")
     if accelerator.is_main_process and accelerator.trackers is not None:
         init_kwargs = {"wandb": {"mode": config.logging.wandb_mode}}
@@ -265,6 +271,7 @@ def train(config: DictConfig) -> TrainResult:
 
     validation = _Validator(config, parts, accelerator, output_dir)
     loader_config = LoaderConfig.from_dict(OmegaConf.to_container(config.data.loader, resolve=True))
+    latent_cache = open_latent_cache(config, parts, loader_config) if config.data.cache else None
     progress = tqdm(
         total=config.train.max_steps, initial=state.global_step, desc=f"stage {stage}",
         disable=not accelerator.is_local_main_process, dynamic_ncols=True,
@@ -278,11 +285,18 @@ def train(config: DictConfig) -> TrainResult:
         (output_dir / "sample_keys").mkdir(parents=True, exist_ok=True)
         key_log = open(output_dir / "sample_keys" / f"rank-{accelerator.process_index}.txt", "a")  # noqa: SIM115
     while state.global_step < config.train.max_steps:
-        loader = build_dataloader(
-            config.data.train, loader_config, batch_size=batch_size, rank=accelerator.process_index,
-            world_size=accelerator.num_processes, num_workers=config.data.num_workers, epoch=state.epoch,
-            seed=config.run.seed, resume_samples=state.epoch_batches * batch_size,
-        )
+        if latent_cache is not None:
+            loader = latent_cache.dataloader(
+                loader_config, batch_size=batch_size, rank=accelerator.process_index,
+                world_size=accelerator.num_processes, epoch=state.epoch, seed=config.run.seed,
+                resume_samples=state.epoch_batches * batch_size, with_reference=stage == 2,
+            )
+        else:
+            loader = build_dataloader(
+                config.data.train, loader_config, batch_size=batch_size, rank=accelerator.process_index,
+                world_size=accelerator.num_processes, num_workers=config.data.num_workers, epoch=state.epoch,
+                seed=config.run.seed, resume_samples=state.epoch_batches * batch_size,
+            )
         for batch in loader:
             state.epoch_batches += 1
             if key_log is not None:
@@ -291,7 +305,7 @@ def train(config: DictConfig) -> TrainResult:
                 inputs = _prepare_inputs(batch, parts, empty_embeds, stage, device)
                 with accelerator.autocast():
                     loss = diffusion_loss(
-                        unet, parts.noise_scheduler, inputs, state.generator,
+                        unet, parts.noise_scheduler, inputs, generator,
                         snr_gamma=config.train.snr_gamma, noise_offset=config.train.noise_offset,
                     )
                 if not _all_finite(accelerator, loss):
@@ -329,7 +343,10 @@ def train(config: DictConfig) -> TrainResult:
                 progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", sps=f"{rate:.1f}")
                 accelerator.log(logs, step=state.global_step)
             if config.checkpoint.every_steps > 0 and state.global_step % config.checkpoint.every_steps == 0:
-                checkpointing.save_checkpoint(accelerator, output_dir, state.global_step, config.checkpoint.keep_last)
+                checkpointing.save_checkpoint(
+                    accelerator, output_dir, state.global_step, config.checkpoint.keep_last,
+                    rank_state={"generator": generator.get_state()},
+                )
             validation.maybe_run(state.global_step, unet, ema, trainable)
             if state.global_step >= config.train.max_steps:
                 break
