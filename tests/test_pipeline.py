@@ -7,7 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
+from diffusers import (
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionInpaintPipeline,
+    UNet2DConditionModel,
+)
 from PIL import Image
 
 from dreampainter.errors import InvalidInputError, MissingFileError
@@ -113,6 +118,27 @@ def test_text_only_equals_diffusers_inpaint_pipeline(tokenizer_dir, guidance, nu
         **FAST,
     ).images
     assert result.shape == expected.shape == (num_images, 32, 48, 3)
+    assert np.abs(result - expected).max() <= 1e-6
+
+
+@pytest.mark.parametrize("scheduler_class", [EulerDiscreteScheduler, DPMSolverMultistepScheduler])
+def test_text_only_equals_diffusers_with_other_schedulers(tokenizer_dir, scheduler_class):
+    components = _text_only_components(tokenizer_dir)
+    components["scheduler"] = scheduler_class.from_config(components["scheduler"].config)
+    ours = DreamPainterPipeline(**components)
+    ours.set_progress_bar_config(disable=True)
+    photo, mask, _ = _inputs()
+    result = ours("a sofa", photo, mask, generator=_gen(9), paste_product=False, **FAST).images
+    expected = _diffusers(components)(
+        "a sofa",
+        image=photo,
+        mask_image=Image.fromarray(255 - mask),
+        height=32,
+        width=48,
+        guidance_scale=7.5,
+        generator=_gen(9),
+        **FAST,
+    ).images
     assert np.abs(result - expected).max() <= 1e-6
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from dreampainter.data.decode import load_image, load_mask
+from dreampainter.data.decode import DEFAULT_MAX_PIXELS, load_image, load_mask
 from dreampainter.errors import InvalidInputError
 
 ImageInput = Image.Image | np.ndarray | torch.Tensor | str | os.PathLike | bytes
@@ -72,8 +72,6 @@ def to_pil_image(
 
 
 def _check_pixels(image: Image.Image, name: str, max_pixels: int | None) -> None:
-    from dreampainter.data.decode import DEFAULT_MAX_PIXELS
-
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     width, height = image.size
     if width * height > limit:
