@@ -159,3 +159,18 @@ def test_min_snr_weighting():
     weights = torch.minimum(snr, torch.tensor(5.0)) / snr
     assert not torch.allclose(plain, weighted)
     assert weighted.item() == pytest.approx((weights.mean() * plain).item(), rel=0.3)  # per-sample losses differ a bit
+
+
+@pytest.mark.parametrize("tracker", ["wandb", "tensorboard"])
+def test_trackers_log_offline_with_validation_grids(tmp_path, setup, monkeypatch, tracker):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    config = _config(tmp_path, setup, logging={"report_to": tracker, "every_steps": 1},
+                     train={"max_steps": 2}, checkpoint={"every_steps": 0},
+                     validation={"num_samples": 1, "every_steps": 1, "num_inference_steps": 2})
+    train(config)
+    out = tmp_path / "run"
+    assert sorted(p.name for p in (out / "validation").glob("*.png")) == ["step-0000001.png", "step-0000002.png"]
+    if tracker == "wandb":
+        assert list((out / "wandb").glob("offline-run-*")), "wandb must run offline, inside the run folder"
+    else:
+        assert list((out / "logs").rglob("events.out.tfevents.*"))

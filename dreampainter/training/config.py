@@ -113,8 +113,8 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    report_to: str = "tensorboard"  # "wandb" (offline unless wandb_mode says otherwise) | "tensorboard" | "none"
-    wandb_mode: str = "offline"
+    report_to: str = "wandb"  # "wandb" (offline unless wandb_mode says otherwise) | "tensorboard" | "none"
+    wandb_mode: str = "offline"  # "offline" | "online" | "disabled"
     project: str = "dreampainter"
     every_steps: int = 10
     sample_keys: bool = False  # write the keys each rank trained on to sample_keys/rank-<i>.txt (debugging)
@@ -195,6 +195,7 @@ CHOICES = {
     "optim.use_8bit_adam": ("auto", "yes", "no"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "logging.report_to": ("wandb", "tensorboard", "none"),
+    "logging.wandb_mode": ("offline", "online", "disabled"),
 }
 
 

@@ -102,6 +102,8 @@ def _weight_dtype(mixed_precision: str) -> torch.dtype:
 
 def _trackers(config: DictConfig) -> str | None:
     report_to = config.logging.report_to
+    if report_to == "wandb" and config.logging.wandb_mode == "disabled":
+        return None
     if report_to == "wandb":
         try:
             import wandb  # noqa: F401
@@ -266,7 +268,7 @@ def train(config: DictConfig) -> TrainResult:
         generator.set_state(checkpointing.load_rank_state(resume, accelerator.process_index)["generator"])
         accelerator.print(f"resumed from {resume} at step {state.global_step} (epoch {state.epoch})")
     if accelerator.is_main_process and accelerator.trackers is not None:
-        init_kwargs = {"wandb": {"mode": config.logging.wandb_mode}}
+        init_kwargs = {"wandb": {"mode": config.logging.wandb_mode, "dir": str(output_dir)}}
         accelerator.init_trackers(config.logging.project, _flat_hparams(config), init_kwargs)
 
     validation = _Validator(config, parts, accelerator, output_dir)
