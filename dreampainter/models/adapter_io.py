@@ -30,6 +30,7 @@ from dreampainter.models.adapter import (
     install_reference_adapter,
     reference_processors,
 )
+from dreampainter.models.state_dicts import check_state_dict
 
 ADAPTER_WEIGHTS_NAME = "adapter.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -64,19 +65,7 @@ def _check_fingerprint(unet: UNet2DConditionModel, saved: dict, source: str) -> 
 
 def _load_tensors(unet: UNet2DConditionModel, tensors: dict[str, torch.Tensor], source: str) -> None:
     """Copy ``tensors`` (UNet-internal names) into the installed adapter; every key must match exactly."""
-    own = adapter_state_dict(unet)
-    missing = sorted(set(own) - set(tensors))
-    unexpected = sorted(set(tensors) - set(own))
-    if missing or unexpected:
-        raise CheckpointMismatchError(
-            f"{source}: adapter weights do not match this adapter: missing {missing[:3]}"
-            f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
-        )
-    for key, value in tensors.items():
-        if tuple(value.shape) != tuple(own[key].shape):
-            raise CheckpointMismatchError(
-                f"{source}: '{key}' has shape {tuple(value.shape)} in the file, the adapter expects {tuple(own[key].shape)}"
-            )
+    check_state_dict(adapter_state_dict(unet), tensors, source, what="the adapter")
     params = dict(unet.named_parameters())
     with torch.no_grad():
         for key, value in tensors.items():

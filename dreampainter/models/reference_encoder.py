@@ -26,6 +26,7 @@ from diffusers.utils import BaseOutput
 from PIL import Image
 
 from dreampainter.errors import CheckpointMismatchError, InvalidInputError, require_file
+from dreampainter.models.state_dicts import check_state_dict
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -267,17 +268,5 @@ class ReferenceEncoder(ModelMixin, ConfigMixin):
 
 def _load_exact(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load ``state`` into ``module`` requiring the same keys and shapes; errors name key and shapes."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise CheckpointMismatchError(
-            f"{source}: checkpoint does not match the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-        )
-    for key, value in state.items():
-        if tuple(value.shape) != tuple(own[key].shape):
-            raise CheckpointMismatchError(
-                f"{source}: '{key}' has shape {tuple(value.shape)} in the checkpoint, the model expects {tuple(own[key].shape)}"
-            )
+    check_state_dict(module.state_dict(), state, source)
     module.load_state_dict(state, strict=True)
