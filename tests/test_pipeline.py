@@ -46,17 +46,22 @@ def tokenizer_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pipe(tokenizer_dir):
-    pipe = build_tiny_pipeline(tokenizer_dir, projection="linear")
+def tokenizer(tokenizer_dir):
+    return build_clip_tokenizer(tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def pipe(tokenizer_dir, tokenizer):
+    pipe = build_tiny_pipeline(tokenizer_dir, projection="linear", tokenizer=tokenizer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def _text_only_components(tokenizer_dir):
+def _text_only_components(tokenizer):
     return dict(
         vae=build_tiny_vae(),
         text_encoder=build_tiny_text_encoder(),
-        tokenizer=build_clip_tokenizer(tokenizer_dir),
+        tokenizer=tokenizer,
         unet=build_tiny_unet(),
         scheduler=build_tiny_scheduler(),
     )
@@ -87,8 +92,8 @@ def _gen(seed=0):
 
 
 @pytest.mark.parametrize("guidance, num_images", [(7.5, 1), (1.0, 1), (5.0, 2)])
-def test_text_only_equals_diffusers_inpaint_pipeline(tokenizer_dir, guidance, num_images):
-    components = _text_only_components(tokenizer_dir)
+def test_text_only_equals_diffusers_inpaint_pipeline(tokenizer, guidance, num_images):
+    components = _text_only_components(tokenizer)
     ours = DreamPainterPipeline(**components)
     ours.set_progress_bar_config(disable=True)
     photo, mask, _ = _inputs()
@@ -122,8 +127,8 @@ def test_text_only_equals_diffusers_inpaint_pipeline(tokenizer_dir, guidance, nu
 
 
 @pytest.mark.parametrize("scheduler_class", [EulerDiscreteScheduler, DPMSolverMultistepScheduler])
-def test_text_only_equals_diffusers_with_other_schedulers(tokenizer_dir, scheduler_class):
-    components = _text_only_components(tokenizer_dir)
+def test_text_only_equals_diffusers_with_other_schedulers(tokenizer, scheduler_class):
+    components = _text_only_components(tokenizer)
     components["scheduler"] = scheduler_class.from_config(components["scheduler"].config)
     ours = DreamPainterPipeline(**components)
     ours.set_progress_bar_config(disable=True)
@@ -142,11 +147,11 @@ def test_text_only_equals_diffusers_with_other_schedulers(tokenizer_dir, schedul
     assert np.abs(result - expected).max() <= 1e-6
 
 
-def test_adapter_without_reference_equals_diffusers_with_the_plain_unet(tokenizer_dir, pipe):
+def test_adapter_without_reference_equals_diffusers_with_the_plain_unet(tokenizer, pipe):
     """Zero reference features in every branch give exactly the text-only UNet's result."""
     photo, mask, _ = _inputs()
     result = pipe("a wooden desk", photo, mask, generator=_gen(1), paste_product=False, **FAST).images
-    components = _text_only_components(tokenizer_dir)  # same seeds: the adapter's base weights
+    components = _text_only_components(tokenizer)  # same seeds: the adapter's base weights
     expected = _diffusers(components)(
         "a wooden desk",
         image=photo,
@@ -396,8 +401,8 @@ def test_bad_arguments_raise_one_line_errors(pipe, kwargs, message):
     assert "\n" not in str(error.value)
 
 
-def test_reference_without_adapter_is_refused(tokenizer_dir):
-    text_only = DreamPainterPipeline(**_text_only_components(tokenizer_dir))
+def test_reference_without_adapter_is_refused(tokenizer):
+    text_only = DreamPainterPipeline(**_text_only_components(tokenizer))
     photo, mask, reference = _inputs()
     with pytest.raises(InvalidInputError, match="reference_image: this pipeline has no reference encoder"):
         text_only("a room", photo, mask, reference_image=reference, **FAST)
@@ -415,8 +420,8 @@ def test_mismatched_batch_lengths_are_refused(pipe):
 
 
 @pytest.mark.parametrize("projection, backend", [("linear", "transformers"), ("resampler", "open_clip")])
-def test_save_and_load_roundtrip_offline(tokenizer_dir, tmp_path, projection, backend):
-    pipe = build_tiny_pipeline(tokenizer_dir, projection=projection, backend=backend, seed=1)
+def test_save_and_load_roundtrip_offline(tokenizer, tmp_path, projection, backend):
+    pipe = build_tiny_pipeline(None, projection=projection, backend=backend, seed=1, tokenizer=tokenizer)
     pipe.set_progress_bar_config(disable=True)
     photo, mask, reference = _inputs()
     before = pipe("a cafe", photo, mask, reference_image=reference, generator=_gen(), **FAST).images
@@ -439,8 +444,8 @@ def test_save_and_load_roundtrip_offline(tokenizer_dir, tmp_path, projection, ba
     assert pipe.has_reference_adapter  # saving left the live pipeline intact
 
 
-def test_text_only_pipeline_saves_without_an_adapter_folder(tokenizer_dir, tmp_path):
-    text_only = DreamPainterPipeline(**_text_only_components(tokenizer_dir))
+def test_text_only_pipeline_saves_without_an_adapter_folder(tokenizer, tmp_path):
+    text_only = DreamPainterPipeline(**_text_only_components(tokenizer))
     (tmp_path / "pipe" / ADAPTER_SUBFOLDER).mkdir(parents=True)  # a stale adapter from an earlier save
     text_only.save_pretrained(tmp_path / "pipe")
     assert not (tmp_path / "pipe" / ADAPTER_SUBFOLDER).exists()
@@ -453,8 +458,8 @@ def test_loading_a_missing_folder_names_it(tmp_path):
         DreamPainterPipeline.from_pretrained(tmp_path / "nowhere")
 
 
-def test_to_dtype_runs_in_bfloat16(tokenizer_dir):
-    pipe = build_tiny_pipeline(tokenizer_dir).to("cpu", torch.bfloat16)
+def test_to_dtype_runs_in_bfloat16(tokenizer):
+    pipe = build_tiny_pipeline(None, tokenizer=tokenizer).to("cpu", torch.bfloat16)
     pipe.set_progress_bar_config(disable=True)
     photo, mask, reference = _inputs()
     assert pipe.unet.dtype == torch.bfloat16 and pipe.vae.dtype == torch.bfloat16

@@ -8,17 +8,18 @@ from dreampainter.pipelines.pipeline_dreampainter import DreamPainterPipeline
 
 
 def build_tiny_pipeline(
-    tokenizer_folder: str | os.PathLike,
+    tokenizer_folder: str | os.PathLike | None,
     *,
     reference: bool = True,
     projection: str = "linear",
     backend: str = "transformers",
     vae_block_out_channels: tuple[int, ...] = (16, 32),
     seed: int = 0,
+    tokenizer=None,
 ) -> DreamPainterPipeline:
     """Tiny UNet/VAE/text encoder (``dreampainter.models.tiny``); with ``reference`` also a tiny reference
     encoder and the adapter (``projection`` ``"linear"`` or ``"resampler"``). The tokenizer's files
-    (the real CLIP BPE) are written to ``tokenizer_folder``."""
+    (the real CLIP BPE) are written to ``tokenizer_folder`` unless a ``tokenizer`` is given to share."""
     from dreampainter.models import AdapterConfig, build_tiny_reference_encoder, install_reference_adapter
     from dreampainter.models.tiny import (
         build_clip_tokenizer,
@@ -28,6 +29,8 @@ def build_tiny_pipeline(
         build_tiny_vae,
     )
 
+    if tokenizer is None and tokenizer_folder is None:
+        raise ValueError("build_tiny_pipeline needs a tokenizer_folder to write the tokenizer to, or a tokenizer")
     unet = build_tiny_unet(seed=seed)
     encoder = None
     if reference:
@@ -46,7 +49,7 @@ def build_tiny_pipeline(
     return DreamPainterPipeline(
         vae=build_tiny_vae(seed=seed, block_out_channels=vae_block_out_channels),
         text_encoder=build_tiny_text_encoder(seed=seed),
-        tokenizer=build_clip_tokenizer(tokenizer_folder),
+        tokenizer=tokenizer if tokenizer is not None else build_clip_tokenizer(tokenizer_folder),
         unet=unet,
         scheduler=build_tiny_scheduler(),
         reference_encoder=encoder,
