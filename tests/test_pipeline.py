@@ -303,6 +303,46 @@ def test_batched_equals_one_at_a_time(pipe):
     assert np.abs(batched[0] - batched[1]).max() > 1e-3  # different generators, different images
 
 
+def test_images_of_different_sizes_in_one_call_equal_single_calls(pipe):
+    photo_a, mask_a, reference = _inputs(width=48, height=32, seed=0)
+    photo_b, mask_b, _ = _inputs(width=30, height=40, seed=1)
+    common = dict(
+        text_guidance_scale=5.0, reference_guidance_scale=3.0, num_inference_steps=STEPS, output_type="np"
+    )
+    mixed = pipe(
+        ["a loft", "a garden", "a cave"], [photo_a, photo_b, photo_a], [mask_a, mask_b, mask_a],
+        reference_image=[reference, None, reference], negative_prompt=["dark", "blurry", "noisy"],
+        generator=[_gen(seed) for seed in range(3)], **common,
+    )  # fmt: skip
+    assert isinstance(mixed.images, list) and [image.shape for image in mixed.images] == [
+        (32, 48, 3), (40, 30, 3), (32, 48, 3),
+    ]  # fmt: skip
+    singles = [
+        pipe(
+            "a loft",
+            photo_a,
+            mask_a,
+            reference_image=reference,
+            negative_prompt="dark",
+            generator=_gen(0),
+            **common,
+        ),
+        pipe("a garden", photo_b, mask_b, negative_prompt="blurry", generator=_gen(1), **common),
+        pipe(
+            "a cave",
+            photo_a,
+            mask_a,
+            reference_image=reference,
+            negative_prompt="noisy",
+            generator=_gen(2),
+            **common,
+        ),
+    ]
+    for row, single in zip(mixed.images, singles):
+        assert np.abs(row - single.images[0]).max() <= 1e-4
+    assert [np.asarray(mask).shape for mask in mixed.masks] == [(32, 48), (40, 30), (32, 48)]
+
+
 # ----------------------------------------------------------------------------- sizes and compositing
 
 

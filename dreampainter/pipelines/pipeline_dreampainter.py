@@ -241,9 +241,10 @@ class DreamPainterPipeline(DiffusionPipeline):
             )
         return references
 
-    def _processing_size(
+    def _processing_sizes(
         self, products: list[ProductInput], height: int | None, width: int | None, resolution: int | None
-    ) -> tuple[int, int]:
+    ) -> list[tuple[int, int]]:
+        """The (width, height) each product is processed at: given, or its size rounded to the VAE factor."""
         factor = self.vae_scale_factor
         if (height is None) != (width is None):
             raise InvalidInputError("height/width: give both or neither")
@@ -253,16 +254,56 @@ class DreamPainterPipeline(DiffusionPipeline):
                     raise InvalidInputError(
                         f"{name}: must be a multiple of {factor} (the VAE's factor), got {value}"
                     )
-            return int(width), int(height)
+            return [(int(width), int(height))] * len(products)
         if resolution is not None:
             _check_positive_int(resolution, "resolution")
-        sizes = {processing_size(*product.size, factor, resolution) for product in products}
-        if len(sizes) > 1:
-            raise InvalidInputError(
-                f"image: the images need different processing sizes {sorted(sizes)}; "
-                "pass height and width, or generate them in separate calls"
+        return [processing_size(*product.size, factor, resolution) for product in products]
+
+    def _call_per_size(
+        self,
+        sizes: list[tuple[int, int]],
+        prompts: list[str],
+        products: list[ProductInput],
+        references: list,
+        negative_prompt,
+        generator,
+        num_images_per_prompt: int,
+        output_type: str,
+        return_dict: bool,
+        shared: dict,
+    ):
+        """Images needing different processing sizes: one batched call per size, results in input order."""
+        n = num_images_per_prompt
+        if isinstance(negative_prompt, (list, tuple)):
+            negative_prompt = _broadcast(list(negative_prompt), len(prompts), "negative_prompt")
+        rows: list = [None] * (len(prompts) * n)
+        masks: list = [None] * (len(prompts) * n)
+        for size in dict.fromkeys(sizes):
+            group = [i for i, other in enumerate(sizes) if other == size]
+            output = self(
+                prompt=[prompts[i] for i in group],
+                image=[products[i].image for i in group],
+                product_mask=[products[i].product_mask for i in group],
+                reference_image=[references[i] for i in group],
+                negative_prompt=[negative_prompt[i] for i in group]
+                if isinstance(negative_prompt, list)
+                else negative_prompt,
+                generator=[generator[i * n + k] for i in group for k in range(n)]
+                if isinstance(generator, list)
+                else generator,
+                num_images_per_prompt=n,
+                output_type=output_type,
+                **shared,
             )
-        return sizes.pop()
+            for j, i in enumerate(group):
+                for k in range(n):
+                    rows[i * n + k] = output.images[j * n + k]
+                    masks[i * n + k] = output.masks[j * n + k]
+        if output_type in ("np", "pt", "latent") and len({tuple(row.shape) for row in rows}) == 1:
+            rows = np.stack(rows) if output_type == "np" else torch.stack(rows)
+        if not return_dict:
+            return rows, masks
+        return DreamPainterPipelineOutput(images=rows, masks=masks)
 
     def _encode_masked_images(
         self, masked_images: torch.Tensor, generator, rows_per_image: int
@@ -332,7 +373,8 @@ class DreamPainterPipeline(DiffusionPipeline):
             generator: a generator, or one per result (``len(prompts) * num_images_per_prompt``) for results
                 that do not depend on the batch they are made in.
             height, width / resolution: the processing size (multiples of the VAE factor), or the side of the
-                square of equal area to scale to; default: the input size rounded to the VAE factor.
+                square of equal area to scale to; default: the input size rounded to the VAE factor. Images
+                that need different sizes run as one batch per size (the callback then restarts per batch).
             product_dilation: grow the product by this many pixels before inverting (the model keeps a margin).
             paste_product, feather_radius: paste the product's pixels back from the input, feathered outward.
             output_type: ``"pil"``, ``"np"`` (float in [0, 1]), ``"pt"`` or ``"latent"``.
@@ -376,7 +418,27 @@ class DreamPainterPipeline(DiffusionPipeline):
         references = self._prepare_references(reference_image, batch_size, max_pixels)
         has_reference = any(reference is not None for reference in references)
         plan = GuidancePlan.create(text_guidance_scale, reference_guidance_scale, has_reference)
-        width, height = self._processing_size(products, height, width, resolution)
+        sizes = self._processing_sizes(products, height, width, resolution)
+        if len(set(sizes)) > 1:
+            shared = dict(
+                text_guidance_scale=text_guidance_scale,
+                reference_guidance_scale=reference_guidance_scale,
+                reference_scale=reference_scale,
+                num_inference_steps=num_inference_steps,
+                resolution=resolution,
+                product_dilation=product_dilation,
+                paste_product=paste_product,
+                feather_radius=feather_radius,
+                eta=eta,
+                max_pixels=max_pixels,
+                callback_on_step_end=callback_on_step_end,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            )
+            return self._call_per_size(
+                sizes, prompts, products, references, negative_prompt, generator,
+                num_images_per_prompt, output_type, return_dict, shared,
+            )  # fmt: skip
+        width, height = sizes[0]
         device = self._execution_device
         dtype = self.unet.dtype
 
