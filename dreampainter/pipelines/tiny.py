@@ -30,7 +30,9 @@ def build_tiny_pipeline(
     )
 
     if tokenizer is None and tokenizer_folder is None:
-        raise ValueError("build_tiny_pipeline needs a tokenizer_folder to write the tokenizer to, or a tokenizer")
+        raise ValueError(
+            "build_tiny_pipeline needs a tokenizer_folder to write the tokenizer to, or a tokenizer"
+        )
     unet = build_tiny_unet(seed=seed)
     encoder = None
     if reference:
