@@ -432,6 +432,9 @@ def test_outputs_masks_and_callback(pipe):
         (dict(height=30, width=47), "width: must be a multiple of 2"),
         (dict(output_type="jpeg"), "output_type"),
         (dict(max_pixels=100), "over the limit of 100"),
+        (dict(callback_on_step_end_tensor_inputs=["latentz"]), "callback_on_step_end_tensor_inputs: unknown"),
+        (dict(height=32), "height/width: give both or neither"),
+        (dict(resolution=0), "resolution: must be a positive integer"),
     ],
 )
 def test_bad_arguments_raise_one_line_errors(pipe, kwargs, message):
