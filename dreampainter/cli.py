@@ -13,7 +13,7 @@ import sys
 from dreampainter.errors import DreamPainterError
 
 # Modules under dreampainter.commands, in the order their commands are listed in --help.
-COMMAND_MODULES = ["demo", "data", "train", "cache", "generate"]
+COMMAND_MODULES = ["demo", "data", "train", "cache", "generate", "evaluate"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,134 @@
+"""``dreampainter evaluate``: score a saved pipeline on benchmark shards (also ``accelerate launch scripts/evaluate.py``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dreampainter.errors import InvalidInputError
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="generate for every benchmark sample and compute the metrics",
+        description="Generate a result for every benchmark sample with fixed per-sample seeds (and the "
+        "no-reference / shuffled-reference controls), compute the metrics, and write metrics.json, "
+        "per_sample.csv, a contact sheet and the result images. Under `accelerate launch "
+        "scripts/evaluate.py` the samples are split across processes with the same results.",
+    )
+    parser.add_argument("--pipeline", required=True, help="a pipeline folder written by save_pretrained")
+    parser.add_argument(
+        "--data", required=True, help="benchmark shards: folder, index.json, brace pattern or URLs"
+    )
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument(
+        "--config", help="YAML with an `evaluation` section (metrics, backbones) and a `benchmark` section"
+    )
+    parser.add_argument("--metrics", help="comma-separated metric names (default: from the config)")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N samples of the benchmark")
+    parser.add_argument(
+        "--controls", help="comma-separated: no_reference, shuffled_reference, or none (default: both)"
+    )
+    parser.add_argument("--steps", type=int, help="denoising steps (default: config, else 30)")
+    parser.add_argument("--seed", type=int, help="base seed; each sample's seed derives from it and its key")
+    parser.add_argument("--batch-size", type=int, help="images per pipeline call (default: config, else 4)")
+    parser.add_argument("--contact-metric", help="per-sample metric for the best/worst contact sheet")
+    parser.add_argument(
+        "--no-images", action="store_true", help="do not save result images (no contact sheet)"
+    )
+    parser.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:1, ... (default: this process's accelerate device)"
+    )
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="pipeline dtype (default float32)")
+    parser.set_defaults(func=run)
+
+
+def _split(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def load_evaluate_config(args: argparse.Namespace):
+    """The (EvaluationConfig, BenchmarkSettings) from ``--config`` with the command-line overrides."""
+    from dreampainter.evaluation.runner import BenchmarkSettings, load_evaluation_file
+
+    evaluation, settings = load_evaluation_file(args.config)
+    if args.metrics is not None:
+        evaluation.metrics = _split(args.metrics)
+    overrides = {
+        "limit": args.limit,
+        "steps": args.steps,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "contact_metric": args.contact_metric,
+    }
+    values = {**settings.as_dict(), **{k: v for k, v in overrides.items() if v is not None}}
+    if args.controls is not None:
+        controls = _split(args.controls)
+        values["controls"] = [] if controls == ["none"] else controls
+    if args.no_images:
+        values["save_images"] = False
+    return evaluation, BenchmarkSettings(**values).validate()
+
+
+def _device_and_dtype(args: argparse.Namespace, group):
+    import torch
+
+    device = group.device if args.device == "auto" else args.device
+    try:
+        device = torch.device(device)
+    except RuntimeError as error:
+        raise InvalidInputError(f"--device: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError(f"--device: {device} requested but CUDA is not available")
+    dtype = getattr(torch, args.dtype)
+    if dtype == torch.float16 and device.type == "cpu":
+        raise InvalidInputError("--dtype: float16 is not supported on the CPU; use float32 or bfloat16")
+    return device, dtype
+
+
+def run(args: argparse.Namespace) -> int:
+    from dreampainter.data.shardlist import resolve_shards
+    from dreampainter.evaluation.runner import (
+        CONTROLS,
+        MAIN_RUN,
+        ProcessGroup,
+        build_run_suites,
+        check_pipeline_folder,
+        load_pipeline,
+        run_benchmark,
+    )
+
+    evaluation, settings = load_evaluate_config(args)
+    resolve_shards(args.data)  # a missing benchmark fails before any model loads
+    check_pipeline_folder(args.pipeline)
+    group = ProcessGroup.from_accelerate()
+    device, dtype = _device_and_dtype(args, group)
+    group.device = device
+    suites = build_run_suites([MAIN_RUN, *[c for c in CONTROLS if c in settings.controls]], evaluation, group)
+    if group.is_main:
+        for name, reason in suites[MAIN_RUN].skipped.items():
+            print(f"warning: metric {name} skipped: {reason}", file=sys.stderr)
+    pipe = load_pipeline(args.pipeline, device, dtype)
+    report = run_benchmark(
+        pipe,
+        args.data,
+        args.out,
+        evaluation,
+        settings,
+        group=group,
+        suites=suites,
+        pipeline_name=args.pipeline,
+    )
+    if report is not None:
+        counts = report["counts"]
+        print(
+            f"evaluated {counts['evaluated']} of {counts['listed']} samples ({counts['bad']} bad) "
+            f"in {counts['runs']} run(s) on {counts['processes']} process(es); wrote {args.out}/metrics.json"
+        )
+        for row in report["runs"]:
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in row["values"].items() if isinstance(v, float))
+            print(f"  {row['run']}: {shown}")
+    return 0

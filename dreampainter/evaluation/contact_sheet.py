@@ -1,0 +1,136 @@
+"""The contact sheet: the best and worst benchmark samples for one metric, with every run side by side.
+
+One row per sample: input photo, product mask, reference, then the result of each run (main and
+controls, read back from ``images/<run>/<key>.png``); the row caption gives the key and the value.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from dreampainter.evaluation.registry import MetricSuite
+
+CONTACT_SHEET_FILE = "contact_sheet.png"
+# The default metric, in order of preference: reference fidelity first, then the rest.
+CONTACT_METRICS = ("clip_i", "dino", "bg_delta_e", "clip_t", "lpips", "psnr", "ssim", "expansion", "bg_emd")
+TILE = 128
+CAPTION = 14
+
+
+def choose_metric(suite: MetricSuite, wanted: str | None) -> tuple[str | None, str | None]:
+    """``(metric, None)`` for a per-sample column with a known direction, else ``(None, reason)``."""
+    directions = suite.higher_is_better()
+    measured = {
+        column for row in suite.per_sample().values() for column, v in row.items() if not math.isnan(v)
+    }
+    usable = [column for column in suite.columns() if column in directions and column in measured]
+    if wanted is not None:
+        if wanted in usable:
+            return wanted, None
+        return (
+            None,
+            f"contact_metric {wanted!r} was not measured per sample in the main run; measured: {usable}",
+        )
+    for column in (*CONTACT_METRICS, *usable):
+        if column in usable:
+            return column, None
+    return None, "no per-sample metric with a direction was measured in the main run"
+
+
+def pick_cases(values: dict[str, float], higher_is_better: bool, count: int) -> tuple[list[str], list[str]]:
+    """The ``count`` best and ``count`` worst keys (no key in both; ties broken by key; NaN left out)."""
+    ranked = sorted(
+        (key for key, value in values.items() if not math.isnan(value)),
+        key=lambda key: (-values[key] if higher_is_better else values[key], key),
+    )
+    best = ranked[: min(count, (len(ranked) + 1) // 2)]
+    worst = ranked[len(best) :][-count:][::-1]
+    return best, worst
+
+
+def _tile(image: Image.Image | None, caption: str) -> Image.Image:
+    tile = Image.new("RGB", (TILE, TILE + CAPTION), "white")
+    if image is None:
+        ImageDraw.Draw(tile).rectangle((0, CAPTION, TILE - 1, TILE + CAPTION - 1), fill=(200, 200, 200))
+    else:
+        image = image.convert("RGB")
+        scale = TILE / max(image.size)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        resample = Image.Resampling.NEAREST if scale >= 2 else Image.Resampling.BICUBIC
+        image = image.resize(size, resample)
+        tile.paste(image, ((TILE - size[0]) // 2, CAPTION + (TILE - size[1]) // 2))
+    ImageDraw.Draw(tile).text((2, 1), caption[:22], fill=(0, 0, 0))
+    return tile
+
+
+def render_sheet(rows: list[tuple[str, list[tuple[str, Image.Image | None]]]], gap: int = 4) -> Image.Image:
+    """Stack captioned rows of captioned tiles into one image."""
+    width = max(len(tiles) for _, tiles in rows) * (TILE + gap) + gap
+    row_height = CAPTION + TILE + CAPTION + gap
+    sheet = Image.new("RGB", (width, len(rows) * row_height + gap), "white")
+    draw = ImageDraw.Draw(sheet)
+    for index, (caption, tiles) in enumerate(rows):
+        top = gap + index * row_height
+        draw.text((gap, top), caption, fill=(0, 0, 0))
+        for column, (label, image) in enumerate(tiles):
+            sheet.paste(_tile(image, label), (gap + column * (TILE + gap), top + CAPTION))
+    return sheet
+
+
+def write_contact_sheet(
+    out: str | os.PathLike,
+    *,
+    data: str,
+    suites: dict[str, MetricSuite],
+    runs: list[str],
+    metric: str | None,
+    count: int,
+    limit: int | None,
+    images_saved: bool,
+    index_of: dict[str, int],
+) -> dict[str, Any]:
+    """Write ``contact_sheet.png``; returns what it shows (or ``{"skipped": reason}``)."""
+    from dreampainter.evaluation.bench_data import read_samples
+    from dreampainter.evaluation.runner import MAIN_RUN, image_path
+
+    if not images_saved:
+        return {"skipped": "result images were not saved (save_images: false)"}
+    suite = suites[MAIN_RUN]
+    chosen, reason = choose_metric(suite, metric)
+    if chosen is None:
+        return {"skipped": reason}
+    values = {key: row.get(chosen, math.nan) for key, row in suite.per_sample().items()}
+    higher = suite.higher_is_better()[chosen]
+    best, worst = pick_cases(values, higher, count)
+    inputs = read_samples(data, [index_of[key] for key in (*best, *worst)], limit)
+    out = Path(out)
+    rows = []
+    for label, keys in (("best", best), ("worst", worst)):
+        for rank, key in enumerate(keys, start=1):
+            sample = inputs[index_of[key]]
+            tiles = [
+                ("photo", sample.photo),
+                ("product mask", Image.fromarray(np.asarray(sample.product_mask))),
+                ("reference", sample.reference),
+            ]
+            for run in runs:
+                path = image_path(out, run, key)
+                tiles.append((run, Image.open(path) if path.exists() else None))
+            rows.append((f"{label} {rank}: {key}  {chosen} = {values[key]:.4g}", tiles))
+    render_sheet(rows).save(out / CONTACT_SHEET_FILE)
+    return {
+        "file": CONTACT_SHEET_FILE,
+        "metric": chosen,
+        "higher_is_better": higher,
+        "best": [{"key": key, "value": values[key]} for key in best],
+        "worst": [{"key": key, "value": values[key]} for key in worst],
+    }
+
+
+__all__ = ["CONTACT_SHEET_FILE", "choose_metric", "pick_cases", "render_sheet", "write_contact_sheet"]
