@@ -149,7 +149,6 @@ def fit_vae(
     start = time.perf_counter()
     vae.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - 0.9 * step / max(steps, 1))
     bar = tqdm(range(steps), desc="fit VAE", disable=not progress, leave=False)
     for _ in bar:
         batch = images[torch.randint(len(images), (batch_size,), generator=generator)]
@@ -161,7 +160,6 @@ def fit_vae(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        schedule.step()
         bar.set_postfix(mse=f"{reconstruction.item():.4f}")
     vae.eval().requires_grad_(False)
     seconds = time.perf_counter() - start
