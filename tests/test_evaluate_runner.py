@@ -27,6 +27,7 @@ from dreampainter.evaluation.runner import (
     generate_batch,
     load_evaluation_file,
     load_pipeline,
+    plan_runs,
     sample_seed,
 )
 from dreampainter.evaluation.tiny_backbones import write_tiny_backbones
@@ -203,7 +204,9 @@ def test_two_processes_give_the_same_report_as_one(setup, one_process):
         entry["key"] for entry in one["contact_sheet"]["best"]
     ]
     rows_one, rows_two = _read_csv(out_one / "per_sample.csv"), _read_csv(out / "per_sample.csv")
-    assert [(r["run"], r["key"], r["seed"]) for r in rows_two] == [(r["run"], r["key"], r["seed"]) for r in rows_one]
+    assert [(r["run"], r["key"], r["seed"]) for r in rows_two] == [
+        (r["run"], r["key"], r["seed"]) for r in rows_one
+    ]
 
 
 def test_composited_result_equals_the_pipeline_paste_and_seeds_ignore_batching(setup):
@@ -225,6 +228,18 @@ def test_composited_result_equals_the_pipeline_paste_and_seeds_ignore_batching(s
         output_type="np",
     ).images
     np.testing.assert_allclose(np.stack(together.composited), pasted, atol=1e-6)
+
+
+def test_a_text_only_pipeline_runs_main_only_and_says_why(tmp_path):
+    from dreampainter.pipelines.tiny import build_tiny_pipeline
+
+    text_only = build_tiny_pipeline(tmp_path / "tokenizer", reference=False)
+    runs, skipped = plan_runs(text_only, ["no_reference", "shuffled_reference"], ["a", "b"])
+    assert runs == ["main"] and set(skipped) == {"no_reference", "shuffled_reference"}
+    assert "no reference encoder" in skipped["shuffled_reference"]
+    with_reference = build_tiny_pipeline(tmp_path / "tokenizer", reference=True)
+    runs, skipped = plan_runs(with_reference, ["shuffled_reference"], ["a"])
+    assert runs == ["main"] and "at least 2" in skipped["shuffled_reference"]
 
 
 def test_shuffled_partners_are_a_fixed_derangement():

@@ -30,7 +30,7 @@ import math
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dreampainter.errors import InvalidInputError
 from dreampainter.evaluation.batch import EvalBatch, EvalSample
 from dreampainter.evaluation.bench_data import (
     BadSample,
@@ -48,177 +47,21 @@ from dreampainter.evaluation.bench_data import (
     read_encoded,
     shuffled_partners,
 )
+from dreampainter.evaluation.bench_settings import (
+    CONTROLS,
+    BenchmarkSettings,
+    check_pipeline_folder,
+    load_evaluation_file,
+    load_pipeline,
+)
 from dreampainter.evaluation.registry import EvaluationConfig, MetricSuite, build_suite
 
 MAIN_RUN = "main"
-CONTROLS = ("no_reference", "shuffled_reference")
 RUN_DESCRIPTIONS = {
     MAIN_RUN: "the sample's own reference",
     "no_reference": "no reference (text only), same seeds",
     "shuffled_reference": "another sample's reference (fixed derangement), same seeds",
 }
-
-
-@dataclass
-class BenchmarkSettings:
-    """How results are generated and reported (the ``benchmark`` section of an evaluation config)."""
-
-    steps: int = 30
-    seed: int = 0
-    batch_size: int = 4
-    controls: list[str] = field(default_factory=lambda: list(CONTROLS))
-    limit: int | None = None
-    text_guidance: float = 7.5
-    reference_guidance: float | None = None
-    reference_scale: float | None = None
-    negative_prompt: str | None = None
-    resolution: int | None = None
-    feather_radius: float = 2.0
-    product_dilation: int = 0
-    save_images: bool = True
-    contact_metric: str | None = None  # default: the first of CONTACT_METRICS that was measured
-    contact_count: int = 4
-
-    @classmethod
-    def from_dict(cls, mapping: Mapping[str, Any] | None) -> BenchmarkSettings:
-        """Build from a dict or OmegaConf node; unknown keys are errors naming the key."""
-        if mapping is None:
-            return cls().validate()
-        if not isinstance(mapping, dict):
-            from omegaconf import OmegaConf
-
-            mapping = OmegaConf.to_container(mapping, resolve=True)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(mapping) - known)
-        if unknown:
-            raise InvalidInputError(f"benchmark: unknown keys {unknown}; known: {sorted(known)}")
-        return cls(**mapping).validate()
-
-    def validate(self) -> BenchmarkSettings:
-        """Check every value; errors name the setting."""
-        self.controls = list(self.controls or [])
-        unknown = [name for name in self.controls if name not in CONTROLS]
-        if unknown:
-            raise InvalidInputError(f"controls: unknown {unknown}; choose from {list(CONTROLS)} (or none)")
-        for name in ("steps", "batch_size", "contact_count"):
-            _positive_int(getattr(self, name), name)
-        for name in ("limit", "resolution"):
-            if getattr(self, name) is not None:
-                _positive_int(getattr(self, name), name)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise InvalidInputError(f"seed: must be a non-negative integer, got {self.seed!r}")
-        if (
-            isinstance(self.product_dilation, bool)
-            or not isinstance(self.product_dilation, int)
-            or self.product_dilation < 0
-        ):
-            raise InvalidInputError(
-                f"product_dilation: must be an integer >= 0, got {self.product_dilation!r}"
-            )
-        for name in ("text_guidance", "reference_guidance", "reference_scale", "feather_radius"):
-            value = getattr(self, name)
-            if value is None and name != "text_guidance" and name != "feather_radius":
-                continue
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not math.isfinite(value)
-                or value < 0
-            ):
-                raise InvalidInputError(f"{name}: must be a finite number >= 0, got {value!r}")
-        return self
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-CONFIG_SECTIONS = ("evaluation", "benchmark")
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-# Pipeline components that hold weights (the tokenizer and scheduler only hold configs).
-WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder", "reference_encoder")
-
-
-def load_evaluation_file(path: str | os.PathLike | None) -> tuple[EvaluationConfig, BenchmarkSettings]:
-    """Read an evaluation YAML (sections ``evaluation`` and ``benchmark``); None gives the defaults."""
-    if path is None:
-        return EvaluationConfig(), BenchmarkSettings()
-    from omegaconf import OmegaConf
-
-    from dreampainter.errors import require_file
-
-    require_file(path, "evaluation config", "see configs/eval_toy.yaml and docs/evaluation.md")
-    try:
-        loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    except Exception as error:  # YAML syntax errors come from several libraries
-        raise InvalidInputError(f"{path}: cannot read the YAML ({error})".replace("\n", " ")) from None
-    loaded = loaded or {}
-    if not isinstance(loaded, dict):
-        raise InvalidInputError(f"{path}: expected a mapping with sections {list(CONFIG_SECTIONS)}")
-    unknown = sorted(set(loaded) - set(CONFIG_SECTIONS))
-    if unknown:
-        raise InvalidInputError(f"{path}: unknown sections {unknown}; known: {list(CONFIG_SECTIONS)}")
-    try:
-        return (
-            EvaluationConfig.from_dict(loaded.get("evaluation")),
-            BenchmarkSettings.from_dict(loaded.get("benchmark")),
-        )
-    except TypeError as error:  # e.g. a section that is a list
-        raise InvalidInputError(f"{path}: {error}") from None
-    except InvalidInputError as error:
-        raise InvalidInputError(f"{path}: {error}") from None
-
-
-def check_pipeline_folder(folder: str | os.PathLike) -> None:
-    """Raise :class:`MissingFileError` naming the first missing file of a saved pipeline folder."""
-    import json
-
-    from dreampainter.errors import MissingFileError, require_file
-
-    how = "write it with DreamPainterPipeline.save_pretrained; training writes <output_dir>/pipeline/"
-    folder = Path(folder)
-    require_file(folder / "model_index.json", "pipeline folder (model_index.json)", how)
-    try:
-        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InvalidInputError(
-            f"{folder / 'model_index.json'}: not a readable JSON file ({error})"
-        ) from None
-    for name in WEIGHTED_COMPONENTS:
-        entry = index.get(name)
-        if not isinstance(entry, list) or entry[0] is None:
-            continue
-        part = folder / name
-        require_file(part / "config.json", f"pipeline component {name}", how)
-        if not any(path.suffix in WEIGHT_SUFFIXES for path in part.iterdir()):
-            raise MissingFileError(
-                f"{part}: no weights file (e.g. {part / 'diffusion_pytorch_model.safetensors'} or model.safetensors); {how}"
-            )
-    adapter = folder / "reference_adapter"
-    if adapter.is_dir():
-        require_file(adapter / "adapter.safetensors", "reference adapter weights", how)
-
-
-def load_pipeline(
-    folder: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
-):
-    """Load a saved DreamPainterPipeline (checked first) onto ``device``; loading errors become one line."""
-    from dreampainter.errors import CheckpointMismatchError
-    from dreampainter.pipelines import DreamPainterPipeline
-
-    check_pipeline_folder(folder)
-    kwargs = {} if dtype is None else {"dtype": dtype}
-    try:
-        pipe = DreamPainterPipeline.from_pretrained(folder, **kwargs)
-    except (OSError, ValueError) as error:
-        raise CheckpointMismatchError(
-            f"{folder}: cannot load the pipeline ({error})".replace("\n", " ")
-        ) from None
-    return pipe.to(device)
-
-
-def _positive_int(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise InvalidInputError(f"{name}: must be a positive integer, got {value!r}")
 
 
 def sample_seed(seed: int, key: str) -> int:
@@ -371,6 +214,118 @@ def plan_runs(pipe: Any, controls: list[str], good_keys: list[str]) -> tuple[lis
     return runs, skipped
 
 
+@dataclass
+class BenchmarkPlan:
+    """What this process does: the benchmark's good samples ``(index, key, size)`` and bad ones, the
+    runs to make (and the controls that cannot be made, with the reason), this process's batches of
+    sample indices, and the shuffled-reference partners."""
+
+    good: list[tuple[int, str, tuple[int, int]]]
+    bad: list[BadSample]
+    listed: int
+    runs: list[str]
+    skipped_runs: dict[str, str]
+    batches: list[list[int]]
+    partners: dict[str, str]
+
+    @property
+    def index_of(self) -> dict[str, int]:
+        return {key: index for index, key, _ in self.good}
+
+
+def plan_benchmark(
+    pipe: Any, data: str | os.PathLike, settings: BenchmarkSettings, group: ProcessGroup
+) -> tuple[BenchmarkPlan, dict[int, EncodedEntry]]:
+    """Check this process's share of the samples, agree on the good ones with the other processes,
+    and fetch the encoded samples this process generates (plus its shuffled partners' references)."""
+    share = read_benchmark_share(data, group.rank, group.world_size, settings.limit)
+    listing = [(index, entry.key, share.sizes[index]) for index, entry in share.good.items()]
+    found = group.gather((listing, share.bad))
+    good = sorted(entry for part, _ in found for entry in part)
+    bad = sorted((b for _, part in found for b in part), key=lambda b: (b.shard, _order(b.index)))
+    good_keys = [key for _, key, _ in good]
+    runs, skipped_runs = plan_runs(pipe, settings.controls, good_keys)
+    plan = BenchmarkPlan(
+        good=good,
+        bad=bad,
+        listed=len(share.keys),
+        runs=runs,
+        skipped_runs=skipped_runs,
+        batches=plan_batches(good, settings.batch_size)[group.rank :: group.world_size],
+        partners=shuffled_partners(good_keys, settings.seed) if "shuffled_reference" in runs else {},
+    )
+    index_of = plan.index_of
+    mine = {index for batch in plan.batches for index in batch}
+    needed = mine | {
+        index_of[plan.partners[key]] for index, key, _ in good if index in mine and plan.partners
+    }
+    encoded = {index: entry for index, entry in share.good.items() if index in needed}
+    encoded.update(read_encoded(data, needed - set(encoded), settings.limit))
+    return plan, encoded
+
+
+def generate_and_score(
+    pipe: Any,
+    plan: BenchmarkPlan,
+    encoded: dict[int, EncodedEntry],
+    suites: dict[str, MetricSuite],
+    settings: BenchmarkSettings,
+    out: Path,
+    *,
+    score_chunk: int = 32,
+    show: bool = True,
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Generate this process's batches for every run and feed the results to the run's suite.
+
+    Returns the per-sample info rows (key, seed, category, prompt, ...) and the seconds spent.
+    """
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    index_of = plan.index_of
+    total = sum(len(batch) for batch in plan.batches) * len(plan.runs)
+    generate_bar = tqdm(total=total, desc="generate", unit="img", disable=not show)
+    score_bar = tqdm(total=total, desc="features", unit="img", disable=not show)
+    scorers = {run: _Scorer(suites[run], max(1, score_chunk), score_bar) for run in plan.runs}
+    with_reference = _has_reference(pipe)
+    infos: list[dict[str, Any]] = []
+    generate_seconds = 0.0
+    for batch_indices in plan.batches:
+        batch = [encoded[index].decode() for index in batch_indices]
+        infos += [_info(sample, settings.seed, plan.partners) for sample in batch]
+        for run in plan.runs:
+            if run == "no_reference" or not with_reference:
+                references = None
+            elif run == "shuffled_reference":
+                references = [encoded[index_of[plan.partners[s.key]]].decode_reference() for s in batch]
+            else:
+                references = [s.reference for s in batch]
+            start = time.perf_counter()
+            generated = generate_batch(pipe, batch, references, settings)
+            generate_seconds += time.perf_counter() - start
+            generate_bar.update(len(batch))
+            evaluated = [
+                EvalSample(
+                    key=s.key,
+                    raw=raw,
+                    composited=composited,
+                    photo=s.photo,
+                    product_mask=s.product_mask,
+                    reference=s.reference,  # always the true reference: controls are baselines
+                    prompt=s.prompt,
+                    meta=s.meta,
+                )
+                for s, raw, composited in zip(batch, generated.raw, generated.composited)
+            ]
+            if settings.save_images:
+                _save_images(out, run, evaluated)
+            scorers[run].add(evaluated)
+    for scorer in scorers.values():
+        scorer.flush()
+    generate_bar.close()
+    score_bar.close()
+    return infos, {"generate_s": generate_seconds, "score_s": sum(s.seconds for s in scorers.values())}
+
+
 def run_benchmark(
     pipe: Any,
     data: str | os.PathLike,
@@ -398,90 +353,41 @@ def run_benchmark(
     config = config or EvaluationConfig()
     settings = (settings or BenchmarkSettings()).validate()
     out = Path(out)
-    show = progress and group.is_main
     started = time.perf_counter()
 
-    share = read_benchmark_share(data, group.rank, group.world_size, settings.limit)
-    listing = [(index, entry.key, share.sizes[index]) for index, entry in share.good.items()]
-    found = group.gather((listing, share.bad))
-    good = sorted(entry for part, _ in found for entry in part)
-    bad = sorted((b for _, part in found for b in part), key=lambda b: (b.shard, _order(b.index)))
-    good_keys = [key for _, key, _ in good]
-    index_of = {key: index for index, key, _ in good}
-    runs, skipped_runs = plan_runs(pipe, settings.controls, good_keys)
+    plan, encoded = plan_benchmark(pipe, data, settings, group)
     suites = dict(suites or {})
-    missing = [run for run in runs if run not in suites]
+    missing = [run for run in plan.runs if run not in suites]
     if missing:
         shared = next(iter(suites.values())).backbones if suites else backbones
         suites.update(build_run_suites(missing, config, group, backbones=shared, segmenter=segmenter))
-
-    batches = plan_batches(good, settings.batch_size)[group.rank :: group.world_size]
-    partners = shuffled_partners(good_keys, settings.seed) if "shuffled_reference" in runs else {}
-    mine = {index for batch in batches for index in batch}
-    key_at = {index: key for index, key, _ in good}
-    partner_of = {index: index_of[partners[key_at[index]]] for index in mine if partners}
-    needed = mine | set(partner_of.values())
-    encoded = {index: entry for index, entry in share.good.items() if index in needed}
-    share.good = {}  # free what other processes generate
-    encoded.update(read_encoded(data, needed - set(encoded), settings.limit))
-
-    if hasattr(pipe, "set_progress_bar_config"):
-        pipe.set_progress_bar_config(disable=True)
-    total = sum(len(batch) for batch in batches) * len(runs)
-    generate_bar = tqdm(total=total, desc="generate", unit="img", disable=not show)
-    score_bar = tqdm(total=total, desc="features", unit="img", disable=not show)
-    scorers = {run: _Scorer(suites[run], max(1, config.batch_size), score_bar) for run in runs}
-    generate_seconds = 0.0
-    with_reference = _has_reference(pipe)
-    infos = []
-    for batch_indices in batches:
-        batch = [encoded[index].decode() for index in batch_indices]
-        infos += [_info(sample, settings.seed, partners) for sample in batch]
-        for run in runs:
-            references = _references(run, batch, partner_of, encoded, with_reference)
-            start = time.perf_counter()
-            generated = generate_batch(pipe, batch, references, settings)
-            generate_seconds += time.perf_counter() - start
-            generate_bar.update(len(batch))
-            evaluated = [
-                EvalSample(
-                    key=s.key,
-                    raw=raw,
-                    composited=composited,
-                    photo=s.photo,
-                    product_mask=s.product_mask,
-                    reference=s.reference,  # always the true reference: controls are baselines
-                    prompt=s.prompt,
-                    meta=s.meta,
-                )
-                for s, raw, composited in zip(batch, generated.raw, generated.composited)
-            ]
-            if settings.save_images:
-                _save_images(out, run, evaluated)
-            scorers[run].add(evaluated)
-    for scorer in scorers.values():
-        scorer.flush()
-    generate_bar.close()
-    score_bar.close()
-
-    states = {run: group.gather(suites[run].state_dict()) for run in runs}
-    infos = [info for part in group.gather(infos) for info in part]
-    timings = group.gather(
-        {"generate_s": generate_seconds, "score_s": sum(s.seconds for s in scorers.values())}
+    infos, seconds = generate_and_score(
+        pipe,
+        plan,
+        encoded,
+        suites,
+        settings,
+        out,
+        score_chunk=config.batch_size,
+        show=progress and group.is_main,
     )
+
+    states = {run: group.gather(suites[run].state_dict()) for run in plan.runs}  # collective calls
+    infos = sorted((info for part in group.gather(infos) for info in part), key=lambda info: info["key"])
+    timings = group.gather(seconds)
     report = None
     if group.is_main:
-        for run in runs:
+        for run in plan.runs:
             suites[run].merge_state([state for rank, state in enumerate(states[run]) if rank != group.rank])
         report = write_report(
             out,
             suites=suites,
-            runs=runs,
-            skipped_runs=skipped_runs,
-            infos=sorted(infos, key=lambda info: info["key"]),
-            bad=bad,
-            listed=len(share.keys),
-            index_of=index_of,
+            runs=plan.runs,
+            skipped_runs=plan.skipped_runs,
+            infos=infos,
+            bad=plan.bad,
+            listed=plan.listed,
+            index_of=plan.index_of,
             data=os.fspath(data),
             config=config,
             settings=settings,
@@ -505,20 +411,6 @@ def _has_reference(pipe: Any) -> bool:
 
 def _order(index: int | None) -> float:
     return math.inf if index is None else index
-
-
-def _references(
-    run: str,
-    batch: list[BenchSample],
-    partner_of: dict[int, int],
-    encoded: dict[int, EncodedEntry],
-    with_reference: bool,
-) -> list[Any] | None:
-    if run == "no_reference" or not with_reference:
-        return None
-    if run == "shuffled_reference":
-        return [encoded[partner_of[s.index]].decode_reference() for s in batch]
-    return [s.reference for s in batch]
 
 
 def _info(sample: BenchSample, seed: int, partners: dict[str, str]) -> dict[str, Any]:
@@ -564,12 +456,19 @@ def build_run_suites(
 
 __all__ = [
     "CONTROLS",
+    "check_pipeline_folder",
+    "load_evaluation_file",
+    "load_pipeline",
     "MAIN_RUN",
     "BadSample",
     "BenchmarkSettings",
     "ProcessGroup",
+    "BenchmarkPlan",
     "build_run_suites",
+    "generate_and_score",
     "generate_batch",
+    "plan_batches",
+    "plan_benchmark",
     "plan_runs",
     "run_benchmark",
     "sample_seed",
