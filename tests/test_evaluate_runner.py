@@ -139,6 +139,8 @@ def test_report_has_every_run_per_sample_rows_images_and_contact_sheet(one_proce
     assert len(rows) == 3 * good
     keys = sorted({row["key"] for row in rows})
     assert set(keys) >= set(GOOD_EXTRA) and not set(keys) & (BAD_KEYS - {"toy0_bench_0000000"})
+    shown = {row["key"]: row["reference_of"] for row in rows if row["run"] == "shuffled_reference"}
+    assert sorted(shown.values()) == keys and all(shown[key] != key for key in keys)  # a derangement
     for row in rows:
         assert int(row["seed"]) == sample_seed(0, row["key"])  # same seed in every run
         assert (out / "images" / row["run"] / f"{row['key']}.png").is_file()
@@ -300,3 +302,39 @@ def test_cli_errors_are_one_line_naming_the_problem(setup, tmp_path, capsys):
     (broken / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     err = _cli_error(capsys, ["--pipeline", str(broken), "--data", str(bench), "--out", out])
     assert "unet" in err and "diffusion_pytorch_model.safetensors" in err and "save_pretrained" in err
+
+
+def test_command_line_overrides_the_config(setup):
+    from dreampainter.cli import build_parser
+    from dreampainter.commands.evaluate import load_evaluate_config
+
+    root, bench = setup
+    args = build_parser().parse_args(
+        [
+            "evaluate",
+            *_args(root, bench, root / "x"),
+            "--controls",
+            "none",
+            "--steps",
+            "5",
+            "--metrics",
+            "product",
+        ]
+    )
+    evaluation, settings = load_evaluate_config(args)
+    assert settings.controls == [] and settings.steps == 5 and settings.batch_size == 3  # 3 from the file
+    assert evaluation.metrics == ["product"] and evaluation.segmenter == "known_scene"
+
+
+def test_contact_metric_falls_back_or_says_why():
+    from dreampainter.evaluation import EvalBatch, EvaluationConfig, build_suite
+    from dreampainter.evaluation.contact_sheet import choose_metric
+
+    suite = build_suite(EvaluationConfig(metrics=["product", "colour"], progress=False))
+    photo = np.full((16, 16, 3), 90, np.uint8)
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 4:12] = 255
+    suite.update(EvalBatch.from_lists(["a"], [photo], [photo], [photo], [mask], [photo], prompt=["p"]))
+    assert choose_metric(suite, None) == ("bg_delta_e", None)
+    metric, reason = choose_metric(suite, "clip_i")
+    assert metric is None and "clip_i" in reason and "psnr" in reason

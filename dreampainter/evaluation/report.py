@@ -20,7 +20,7 @@ METRICS_FILE = "metrics.json"
 PER_SAMPLE_FILE = "per_sample.csv"
 # Values read relative to the controls: how much closer to the true reference the main run is.
 REFERENCE_FIDELITY = ("clip_i", "dino", "bg_delta_e", "bg_hist_chi2", "bg_emd")
-INFO_COLUMNS = ("run", "key", "seed", "category", "prompt")
+INFO_COLUMNS = ("run", "key", "seed", "reference_of", "category", "prompt")
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -45,10 +45,16 @@ def relative_to_controls(rows: list[dict[str, Any]]) -> dict[str, dict[str, floa
     return relative
 
 
+def _reference_of(run: str, info: dict[str, Any]) -> str:
+    """Whose reference the run showed for this sample (empty: none)."""
+    return {"main": info["key"], "shuffled_reference": info.get("partner") or ""}.get(run, "")
+
+
 def write_per_sample_csv(
     path: Path, suites: dict[str, MetricSuite], runs: list[str], infos: list[dict]
 ) -> list[str]:
-    """One row per (run, sample): the sample's key, seed, category and prompt, then every metric column."""
+    """One row per (run, sample): key, seed, whose reference was shown, category and prompt, then every
+    metric column (empty where not measurable)."""
     columns = list(dict.fromkeys(column for run in runs for column in suites[run].columns()))
     lines: list[list[Any]] = []
     for run in runs:
@@ -56,7 +62,7 @@ def write_per_sample_csv(
         for info in infos:
             row = values.get(info["key"], {})
             lines.append(
-                [run, info["key"], info["seed"], info["category"], info["prompt"]]
+                [run, info["key"], info["seed"], _reference_of(run, info), info["category"], info["prompt"]]
                 + [
                     "" if column not in row or math.isnan(row[column]) else repr(float(row[column]))
                     for column in columns
