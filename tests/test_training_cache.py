@@ -14,6 +14,7 @@ from training_utils import make_tiny_base, make_toy_shards, subprocess_env, tiny
 from dreampainter.cli import main
 from dreampainter.data.loader import LoaderConfig, build_dataloader
 from dreampainter.errors import InvalidInputError, MissingFileError
+from dreampainter.training import cache as cache_module
 from dreampainter.training import load_config, train
 from dreampainter.training.cache import LATENT_NAMES, REFERENCE_NAME, LatentCache, cache_latents, drop_flags
 from dreampainter.training.components import load_components
@@ -140,7 +141,7 @@ def test_stale_or_mismatched_cache_is_refused(tmp_path, setup):
         train(_config(tmp_path, setup, data={"cache": str(tmp_path / "nothing")}))
 
 
-def test_cache_command_on_two_ranks(tmp_path, setup, capsys):
+def test_cache_command_on_two_ranks(tmp_path, setup, capsys, monkeypatch):
     base, shards, single = setup
     config = write_config(_dict(base, shards, tmp_path / "unused"), tmp_path / "c.yaml")
     out = tmp_path / "two_ranks"
@@ -160,5 +161,11 @@ def test_cache_command_on_two_ranks(tmp_path, setup, capsys):
     a = two.read([two.index_of(key)], LATENT_NAMES)
     b = one.read([one.index_of(key)], LATENT_NAMES)
     assert all(torch.allclose(a[name], b[name], atol=1e-6) for name in LATENT_NAMES)
+    assert len(index["chunks"]) >= 5  # chunks of 8: reads go through the bounded set of open files
+    everything = two.read(list(range(len(two))), LATENT_NAMES)
+    monkeypatch.setattr(cache_module, "MAX_OPEN_CHUNKS", 2)
+    bounded = LatentCache(out)
+    assert all(torch.equal(bounded.read(list(range(len(two))), LATENT_NAMES)[n], everything[n]) for n in LATENT_NAMES)
+    assert len(bounded._handles) == 2
     assert main(["cache-latents", "--config", str(config), "--out", str(out)]) == 2
     assert "already holds a latent cache" in capsys.readouterr().err

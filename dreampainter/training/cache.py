@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import random
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,7 @@ INDEX_NAME = "index.json"
 EMPTY_PROMPT_NAME = "empty_prompt.safetensors"
 LATENT_NAMES = ("latent_mean", "latent_std", "masked_mean", "masked_std", "mask", "text_embeds")
 REFERENCE_NAME = "reference_features"
+MAX_OPEN_CHUNKS = 128
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Loader fields that change what is cached (a run with other values trains on the cached ones).
 GEOMETRY_FIELDS = (
@@ -301,7 +303,7 @@ class LatentCache:
                 self.keys.append(key)
                 self.locations.append((chunk_id, row))
                 self.shape_of.append(group)
-        self._handles: dict[int, Any] = {}
+        self._handles: OrderedDict[int, Any] = OrderedDict()  # open chunk files, least recently used first
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -359,11 +361,15 @@ class LatentCache:
 
     def _handle(self, chunk_id: int):
         handle = self._handles.get(chunk_id)
-        if handle is None:
-            path = self.folder / self.index["chunks"][chunk_id]["file"]
-            if not path.exists():
-                raise MissingFileError(f"data.cache: chunk {path} listed in {INDEX_NAME} is missing")
-            handle = self._handles[chunk_id] = safe_open(str(path), framework="pt")
+        if handle is not None:
+            self._handles.move_to_end(chunk_id)
+            return handle
+        path = self.folder / self.index["chunks"][chunk_id]["file"]
+        if not path.exists():
+            raise MissingFileError(f"data.cache: chunk {path} listed in {INDEX_NAME} is missing")
+        handle = self._handles[chunk_id] = safe_open(str(path), framework="pt")
+        if len(self._handles) > MAX_OPEN_CHUNKS:  # large caches have more chunks than file handles allow
+            self._handles.popitem(last=False)
         return handle
 
     def read(self, indices: list[int], names: tuple[str, ...]) -> dict[str, torch.Tensor]:
