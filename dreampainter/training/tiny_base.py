@@ -69,19 +69,9 @@ def build_demo_vae(
     seed: int, block_out_channels: tuple[int, ...] = (16, 32, 32), latent_channels: int = 4
 ) -> AutoencoderKL:
     """A light VAE: one ResNet layer per block, no mid-block attention, ``2**(blocks-1)`` down-sampling."""
-    torch.manual_seed(seed)
-    blocks = len(block_out_channels)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * blocks,
-        up_block_types=("UpDecoderBlock2D",) * blocks,
-        block_out_channels=tuple(block_out_channels),
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=8,
-        mid_block_add_attention=False,
-    )
+    from dreampainter.models.tiny import build_tiny_vae
+
+    return build_tiny_vae(seed=seed, block_out_channels=block_out_channels, latent_channels=latent_channels)
 
 
 def build_demo_unet(
