@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dreampainter.errors import InvalidInputError
+from dreampainter.commands.common import device_and_dtype
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -73,22 +73,6 @@ def load_evaluate_config(args: argparse.Namespace):
     return evaluation, BenchmarkSettings(**values).validate()
 
 
-def _device_and_dtype(args: argparse.Namespace, group):
-    import torch
-
-    device = group.device if args.device == "auto" else args.device
-    try:
-        device = torch.device(device)
-    except RuntimeError as error:
-        raise InvalidInputError(f"--device: {error}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidInputError(f"--device: {device} requested but CUDA is not available")
-    dtype = getattr(torch, args.dtype)
-    if dtype == torch.float16 and device.type == "cpu":
-        raise InvalidInputError("--dtype: float16 is not supported on the CPU; use float32 or bfloat16")
-    return device, dtype
-
-
 def run(args: argparse.Namespace) -> int:
     from dreampainter.data.shardlist import resolve_shards
     from dreampainter.evaluation.runner import (
@@ -105,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     resolve_shards(args.data)  # a missing benchmark fails before any model loads
     check_pipeline_folder(args.pipeline)
     group = ProcessGroup.from_accelerate()
-    device, dtype = _device_and_dtype(args, group)
+    device, dtype = device_and_dtype(args.device, args.dtype, str(group.device))
     group.device = device
     suites = build_run_suites([MAIN_RUN, *[c for c in CONTROLS if c in settings.controls]], evaluation, group)
     if group.is_main:

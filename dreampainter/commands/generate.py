@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from dreampainter.commands.common import device_and_dtype
 from dreampainter.errors import InvalidInputError
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -123,22 +124,6 @@ def _jobs(args: argparse.Namespace):
     return [job.validate()]
 
 
-def _device_and_dtype(args: argparse.Namespace):
-    import torch
-
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    try:
-        device = torch.device(device)
-    except RuntimeError as error:
-        raise InvalidInputError(f"--device: {error}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidInputError(f"--device: {device} requested but CUDA is not available")
-    dtype = getattr(torch, args.dtype)
-    if dtype == torch.float16 and device.type == "cpu":
-        raise InvalidInputError("--dtype: float16 is not supported on the CPU; use float32 or bfloat16")
-    return device, dtype
-
-
 def run(args: argparse.Namespace) -> int:
     from dreampainter.pipelines import DreamPainterPipeline
     from dreampainter.pipelines.jobs import check_job_inputs, run_jobs
@@ -150,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     if args.product_dilation < 0 or not args.feather >= 0:
         raise InvalidInputError("--product-dilation and --feather: must be >= 0")
     jobs = _jobs(args)
-    device, dtype = _device_and_dtype(args)
+    device, dtype = device_and_dtype(args.device, args.dtype)
     check_job_inputs(jobs)
     pipe = DreamPainterPipeline.from_pretrained(args.pipeline, torch_dtype=dtype).to(device)
     written = run_jobs(pipe, jobs, args.out, device)
