@@ -171,13 +171,16 @@ def build_demo_base_model(
     vae_block_out_channels: tuple[int, ...] = (16, 32, 32),
     unet_block_out_channels: tuple[int, ...] = (32, 64),
     cross_attention_dim: int = 32,
+    text_length: int = 32,
     progress: bool = True,
 ) -> Path:
     """Build the demo's base pipeline folder at ``out_dir`` and return it.
 
     ``vae_images`` toy samples (photo + reference each) fit the VAE for ``vae_steps`` steps; the
     reconstruction MSE on ``vae_held_out`` other samples and the wall time are printed and saved in
-    ``demo_base.json``. Same arguments -> same weights.
+    ``demo_base.json``. Same arguments -> same weights. ``text_length``: the tokenizer's padded length;
+    toy prompts are at most 26 tokens, and 32 instead of SD's 77 lets the tiny UNet find the colour
+    words among fewer padding tokens (measured: text fidelity ratio 1.20 vs 1.11 after 1200 steps).
     """
     from dreampainter.models.tiny import (
         build_clip_tokenizer,
@@ -220,10 +223,12 @@ def build_demo_base_model(
         )
 
     with tempfile.TemporaryDirectory() as tokenizer_folder:
+        tokenizer = build_clip_tokenizer(tokenizer_folder)
+        tokenizer.model_max_length = text_length
         pipe = DreamPainterPipeline(
             vae=vae,
             text_encoder=build_tiny_text_encoder(seed=seed, hidden_size=cross_attention_dim),
-            tokenizer=build_clip_tokenizer(tokenizer_folder),
+            tokenizer=tokenizer,
             unet=build_demo_unet(seed, resolution // factor, unet_block_out_channels, cross_attention_dim),
             scheduler=DDIMScheduler(**demo_scheduler_config()),
             reference_encoder=build_tiny_reference_encoder(backend="transformers", seed=seed),
