@@ -163,28 +163,44 @@ def load_inception(path: str | os.PathLike, device: str | torch.device = "cpu") 
 
 
 @dataclass
-class ClipBackbone:
-    """An open_clip model with its eval transform and tokenizer."""
+class _ImageBackbone:
+    """A frozen image model with its eval transform; subclasses say how pixels become features."""
 
     model: nn.Module
-    preprocess: Any
-    tokenizer: Any
+    transform: Any
     name: str
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def _features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model(pixels)
+
     def encode_images(
         self, images: Sequence[np.ndarray], batch_size: int = 32, progress: bool = True
     ) -> torch.Tensor:
         def encode(chunk):
-            pixels = torch.stack([self.preprocess(_to_pil(image)) for image in chunk]).to(self.device)
-            return self.model.encode_image(pixels)
+            pixels = torch.stack([self.transform(_to_pil(image)) for image in chunk]).to(self.device)
+            return self._features(pixels)
 
         return encode_in_chunks(
             images, encode, batch_size, desc=f"{self.name} image features", progress=progress
         )
+
+
+@dataclass
+class ClipBackbone(_ImageBackbone):
+    """An open_clip model with its eval transform (``preprocess``) and tokenizer."""
+
+    tokenizer: Any = None
+
+    @property
+    def preprocess(self) -> Any:
+        return self.transform
+
+    def _features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels)
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 64, progress: bool = True) -> torch.Tensor:
         def encode(chunk):
@@ -213,32 +229,14 @@ def load_clip(model_name: str, path: str | os.PathLike, device: str | torch.devi
             f"CLIP weights {path} do not fit open_clip {model_name!r} ({_one_line(error)})"
         ) from None
     tokenizer = open_clip.get_tokenizer(model_name)
-    return ClipBackbone(model.to(device).eval(), preprocess, tokenizer, name=f"clip:{model_name}")
+    return ClipBackbone(model.to(device).eval(), preprocess, name=f"clip:{model_name}", tokenizer=tokenizer)
 
 
 # --------------------------------------------------------------------------- DINO
 
 
-@dataclass
-class DinoBackbone:
+class DinoBackbone(_ImageBackbone):
     """A timm ViT whose pooled output is the (normed) CLS token, with timm's eval transform."""
-
-    model: nn.Module
-    transform: Any
-    name: str
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def encode_images(
-        self, images: Sequence[np.ndarray], batch_size: int = 32, progress: bool = True
-    ) -> torch.Tensor:
-        def encode(chunk):
-            pixels = torch.stack([self.transform(_to_pil(image)) for image in chunk]).to(self.device)
-            return self.model(pixels)
-
-        return encode_in_chunks(images, encode, batch_size, desc=f"{self.name} features", progress=progress)
 
 
 _DINO_PREFIXES = re.compile(r"^(module\.|backbone\.|teacher\.|student\.)+")

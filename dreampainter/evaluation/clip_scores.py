@@ -28,7 +28,23 @@ def clip_score(image_features: torch.Tensor, text_features: torch.Tensor) -> tor
     return (100.0 * cosine(image_features, text_features)).clamp(min=0.0)
 
 
-class ClipMetric(Metric):
+class ReferenceSimilarityMetric(Metric):
+    """Base of metrics comparing the composited result with its reference in a backbone's feature space."""
+
+    def __init__(self, backbone, batch_size: int = 32, progress: bool = True) -> None:
+        self.backbone = backbone
+        self.batch_size = batch_size
+        self.progress = progress
+        super().__init__()
+
+    def result_and_reference_features(self, batch: EvalBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        encode = self.backbone.encode_images
+        results = encode([s.composited for s in batch], self.batch_size, self.progress)
+        references = encode([s.reference for s in batch], self.batch_size, self.progress)
+        return results, references
+
+
+class ClipMetric(ReferenceSimilarityMetric):
     """CLIP-T (result vs prompt) and CLIP-I (result vs reference) with one open_clip model."""
 
     name = "clip"
@@ -36,16 +52,10 @@ class ClipMetric(Metric):
     columns = ("clip_t", "clip_i")
     higher_is_better = {"clip_t": True, "clip_i": True}
 
-    def __init__(self, backbone: ClipBackbone, batch_size: int = 32, progress: bool = True) -> None:
-        self.backbone = backbone
-        self.batch_size = batch_size
-        self.progress = progress
-        super().__init__()
+    backbone: ClipBackbone
 
     def score(self, batch: EvalBatch) -> list[Row]:
-        encode = self.backbone.encode_images
-        results = encode([s.composited for s in batch], self.batch_size, self.progress)
-        references = encode([s.reference for s in batch], self.batch_size, self.progress)
+        results, references = self.result_and_reference_features(batch)
         clip_i = cosine(results, references).tolist()
         clip_t = [math.nan] * len(batch)
         with_prompt = [i for i, sample in enumerate(batch) if sample.prompt.strip()]
