@@ -8,7 +8,10 @@ import torch
 from safetensors.torch import load_file
 
 from dreampainter.data.toy import make_toy_sample, sample_seed
+from dreampainter.data.toy_vocab import PALETTE
 from dreampainter.errors import InvalidInputError
+from dreampainter.evaluation.colour import rgb_to_lab
+from dreampainter.models.tiny import build_clip_tokenizer, build_tiny_text_encoder
 from dreampainter.pipelines import DreamPainterPipeline
 from dreampainter.training.tiny_base import (
     REPORT_NAME,
@@ -18,8 +21,9 @@ from dreampainter.training.tiny_base import (
     reconstruction_mse,
     toy_images,
 )
+from dreampainter.training.tiny_text import fit_text_encoder, scene_description, toy_prompts
 
-FAST = dict(vae_steps=3, vae_images=8, vae_held_out=2, vae_batch_size=4, progress=False)
+FAST = dict(vae_steps=3, vae_images=8, vae_held_out=2, vae_batch_size=4, text_steps=2, text_prompts=8, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +55,7 @@ def test_folder_has_every_component_and_loads_offline(base_folder):
     report = json.loads((base_folder / REPORT_NAME).read_text())
     assert report["latent_size"] == 8 and report["vae_fit"]["steps"] == FAST["vae_steps"]
     assert report["vae_fit"]["scaling_factor"] == pytest.approx(pipe.vae.config.scaling_factor)
+    assert report["text_fit"]["steps"] == FAST["text_steps"] and report["text_prompts"] == FAST["text_prompts"]
 
 
 def test_loaded_base_generates_text_only_at_the_toy_size(base_folder):
@@ -90,6 +95,7 @@ def test_same_seed_same_weights_other_seed_differs(base_folder, tmp_path):
     for sub, name in (
         ("vae", "diffusion_pytorch_model.safetensors"),
         ("unet", "diffusion_pytorch_model.safetensors"),
+        ("text_encoder", "model.safetensors"),
     ):
         first, second = load_file(base_folder / sub / name), load_file(again / sub / name)
         assert all(torch.equal(first[key], second[key]) for key in first), sub
@@ -102,3 +108,29 @@ def test_bad_resolution_is_named(tmp_path, resolution):
     with pytest.raises(InvalidInputError, match="resolution"):
         build_demo_base_model(tmp_path / "x", resolution=resolution, **FAST)
     assert not (tmp_path / "x").exists()
+
+
+def test_scene_description_encodes_the_named_words():
+    meta = make_toy_sample(sample_seed(0, "train", 0), 16).meta
+    described = scene_description(meta)
+    wall = rgb_to_lab(np.asarray(PALETTE[meta["wall_colour"]].rgb, dtype=np.uint8)) / 50.0 - [1.0, 0.0, 0.0]
+    np.testing.assert_allclose(described[:3], wall, atol=1e-5)
+    assert described[9:].sum() == 4  # one word each: material, surface, light, tint
+    other_wall = next(name for name in PALETTE if name not in (meta["wall_colour"], meta["floor_colour"]))
+    changed = scene_description({**meta, "wall_colour": other_wall})
+    assert not np.allclose(changed[:3], described[:3]) and np.array_equal(changed[3:], described[3:])
+
+
+def test_text_fit_makes_the_named_scene_readable_from_the_token_states(tmp_path):
+    prompts, targets = toy_prompts(0, "fit", 150)
+    held_out, held_out_targets = toy_prompts(0, "held", 40)
+    tokenizer = build_clip_tokenizer(tmp_path / "tokenizer")
+    tokenizer.model_max_length = 32
+    encoder = build_tiny_text_encoder(seed=0, hidden_size=32)
+    result = fit_text_encoder(encoder, tokenizer, prompts, targets, held_out, held_out_targets, steps=120,
+                              lr=4e-3, progress=False)
+    # Held out: prompts the fit never saw. The random encoder's best linear probe explains little.
+    assert result.initial_r2 < 0.4 and result.final_r2 > result.initial_r2 + 0.3
+    assert not any(p.requires_grad for p in encoder.parameters()) and not encoder.training
+    with pytest.raises(InvalidInputError, match="text encoder fit"):
+        fit_text_encoder(encoder, tokenizer, prompts, targets[:3], held_out, held_out_targets, steps=1)
