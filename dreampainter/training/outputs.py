@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from diffusers import SchedulerMixin
 from omegaconf import DictConfig
 
@@ -51,9 +52,23 @@ def _merge_lora(unet, output_dir: Path) -> None:
     unet.unload_lora()
 
 
+def _restore_master_weights(accelerator: Accelerator, trainable) -> None:
+    """DeepSpeed fp16/bf16 keeps only a half-precision copy in the module and the fp32 master weights in its
+    (ZeRO-partitioned) optimizer: put the gathered masters back before saving. Every rank must call this."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    for param in trainable:
+        master = safe_get_full_fp32_param(param)
+        if master is not None:
+            param.data = master.to(param.device)
+
+
 def save_outputs(config: DictConfig, accelerator: Accelerator, parts: TrainingComponents, unet, ema, trainable, output_dir: Path):
     """Final weights (EMA when enabled) -> ``pipeline/``, ``adapter/``, ``ip_adapter.safetensors``, ``lora/``."""
     accelerator.wait_for_everyone()
+    _restore_master_weights(accelerator, trainable)
     pipeline_dir = output_dir / "pipeline"
     if accelerator.is_main_process:
         unet = accelerator.unwrap_model(unet)

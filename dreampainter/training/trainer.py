@@ -12,13 +12,14 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, OmegaConf
@@ -94,6 +95,52 @@ def _use_cpu() -> bool:
     if accelerator_api is not None and hasattr(accelerator_api, "is_available"):
         return not accelerator_api.is_available()
     return not torch.cuda.is_available()
+
+
+def _launched_with(kind: str) -> bool:
+    """Whether ``accelerate launch`` was given a ``DEEPSPEED`` / ``FSDP`` config (it tells the processes by env)."""
+    return os.environ.get(f"ACCELERATE_USE_{kind}", "false").lower() == "true"
+
+
+SHARDED_PARAMS_UNSUPPORTED = (
+    "this trainer needs every rank to hold the full weights (the final save, EMA, validation on the main "
+    "process and the cross-rank weight check read them directly): use DeepSpeed ZeRO-2 "
+    "(configs/accelerate/deepspeed_zero2.yaml, optimizer state and gradients sharded) or DDP (multi_gpu.yaml)"
+)
+
+
+def _device_kwargs() -> dict:
+    """``Accelerator`` arguments that pick the device and process group.
+
+    Without an accelerator, ``cpu=True`` runs the processes as gloo DDP. DeepSpeed on the CPU needs
+    ``cpu=False`` instead (accelerate drops DeepSpeed when ``cpu=True``) and gloo named explicitly.
+    FSDP shards the parameters themselves, which the loop does not support (on the CPU accelerate
+    would even run it as plain DDP), so it is refused before anything starts.
+    """
+    if _launched_with("FSDP"):
+        raise InvalidInputError(f"the accelerate config asks for FSDP: {SHARDED_PARAMS_UNSUPPORTED}")
+    if not _use_cpu():
+        return {}
+    if _launched_with("DEEPSPEED"):
+        return {"cpu": False, "kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
+    return {"cpu": True}
+
+
+def _configure_deepspeed(accelerator: Accelerator, config: DictConfig) -> None:
+    """The training config, not the DeepSpeed section of the launch config, sets batch, accumulation, clipping.
+
+    The loader is not passed through ``prepare``, so DeepSpeed cannot read the batch size from it.
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    if accelerator.distributed_type != DistributedType.DEEPSPEED or plugin is None:
+        return
+    if plugin.zero_stage >= 3:
+        raise InvalidInputError(f"the DeepSpeed config asks for ZeRO stage {plugin.zero_stage}: {SHARDED_PARAMS_UNSUPPORTED}")
+    plugin.deepspeed_config.update(
+        train_micro_batch_size_per_gpu=config.train.batch_size,
+        gradient_accumulation_steps=config.train.gradient_accumulation_steps,
+        gradient_clipping=max(0.0, float(config.optim.max_grad_norm)),
+    )
 
 
 def _weight_dtype(mixed_precision: str) -> torch.dtype:
@@ -216,12 +263,13 @@ def train(config: DictConfig) -> TrainResult:
     started = time.perf_counter()
     output_dir = Path(config.run.output_dir)
     accelerator = Accelerator(
-        cpu=_use_cpu(),
+        **_device_kwargs(),
         gradient_accumulation_steps=config.train.gradient_accumulation_steps,
         mixed_precision=config.train.mixed_precision,
         log_with=_trackers(config),
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
+    _configure_deepspeed(accelerator, config)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         checkpointing.remove_stale_temporaries(output_dir)
@@ -234,6 +282,9 @@ def train(config: DictConfig) -> TrainResult:
     parts = load_components(config)
     stage, device = config.run.stage, accelerator.device
     weight_dtype = _weight_dtype(config.train.mixed_precision)
+    # DeepSpeed runs fp16/bf16 by casting the whole UNet (fp32 master weights live in its optimizer) and
+    # accelerate's autocast is off, so the UNet's inputs must be cast; elsewhere autocast does it.
+    input_dtype = weight_dtype if accelerator.distributed_type == DistributedType.DEEPSPEED else None
     trainable = _mark_trainable(config, parts)
     for module in (parts.vae, parts.text_encoder, parts.reference_encoder):
         if module is not None:
@@ -308,7 +359,7 @@ def train(config: DictConfig) -> TrainResult:
                 with accelerator.autocast():
                     loss = diffusion_loss(
                         unet, parts.noise_scheduler, inputs, generator,
-                        snr_gamma=config.train.snr_gamma, noise_offset=config.train.noise_offset,
+                        snr_gamma=config.train.snr_gamma, noise_offset=config.train.noise_offset, dtype=input_dtype,
                     )
                 if not _all_finite(accelerator, loss):
                     optimizer.zero_grad(set_to_none=True)
