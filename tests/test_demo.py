@@ -27,6 +27,9 @@ def test_short_demo_learns_reference_and_text(tmp_path):
     report = run_demo(settings)
     assert report.product_max_abs_change == 0
     assert report.product_psnr > 10
-    assert report.reference_ratio > 1.2, report.table()
-    assert report.reference_wins[0] > report.reference_wins[1] * 0.7, report.table()
-    assert report.text_ratio > 1.0, report.table()
+    n = report.reference_wins[1]
+    # Directions with a margin, on average and on most samples (the full demo's 48 samples give the
+    # significance verdicts; 24 samples of a third of the training are for direction only).
+    assert report.reference_ratio > 1.2 and report.reference_wins[0] > n / 2, report.table()
+    assert report.reference_with_prompt_ratio > 1.0, report.table()
+    assert report.text_ratio > 1.2 and report.text_wins[0] > n / 2, report.table()
