@@ -41,6 +41,7 @@ class DemoSettings:
     num_toy: int = 3000
     resolution: int = 32
     vae_steps: int = 300
+    text_steps: int = 400  # fitting the tiny text encoder (dreampainter.training.tiny_text)
     stage1_steps: int = 900
     stage2_steps: int = 800
     batch_size: int = 32
@@ -58,7 +59,7 @@ class DemoSettings:
     @classmethod
     def quick(cls, out_dir: Path) -> DemoSettings:
         """Every step, a few iterations each: seconds; shows that the demo runs, not that it learns."""
-        return cls(out_dir=Path(out_dir), num_toy=200, vae_steps=30, stage1_steps=6, stage2_steps=6,
+        return cls(out_dir=Path(out_dir), num_toy=200, vae_steps=30, text_steps=20, stage1_steps=6, stage2_steps=6,
                    batch_size=8, eval_samples=6, inference_steps=3)
 
 
@@ -167,7 +168,8 @@ def run_demo(settings: DemoSettings) -> DemoReport:
         data, num=settings.num_toy, seed=settings.seed, resolution=settings.resolution, overwrite=True,
         samples_per_shard=max(64, settings.num_toy // 8)))
     base = timed("base model", lambda: build_demo_base_model(
-        out / "base", resolution=settings.resolution, seed=settings.seed, vae_steps=settings.vae_steps))
+        out / "base", resolution=settings.resolution, seed=settings.seed, vae_steps=settings.vae_steps,
+        text_steps=settings.text_steps))
     stage1 = timed("stage 1", lambda: stage("stage1", "tiny_stage1.yaml", base, settings.stage1_steps))
     stage2 = timed("stage 2", lambda: stage("stage2", "tiny.yaml", stage1.pipeline_dir, settings.stage2_steps))
     report = timed("evaluation", lambda: evaluate_demo(stage2.pipeline_dir, data / "bench", out, settings))
