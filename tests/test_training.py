@@ -53,6 +53,28 @@ def test_stage1_then_stage2_produce_loadable_pipelines(tmp_path, setup):
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]  # keep_last=2
 
 
+@pytest.mark.parametrize("stage", [2, 1])
+def test_bf16_run_saves_the_frozen_weights_unrounded(tmp_path, setup, stage):
+    """bf16 casts the frozen VAE, encoders and UNet for speed; the saved pipeline must hold the originals."""
+    base, _ = setup
+    sections = {"run": {"stage": 2}, "train": {"max_steps": 2, "mixed_precision": "bf16"},
+                "checkpoint": {"every_steps": 0}}
+    if stage == 1:  # LoRA: the frozen base weights sit under peft's base_layer until fused
+        sections.update(run={"stage": 1}, model={"unet_training": "lora"})
+    result = train(_config(tmp_path, setup, **sections))
+    for sub, name in (("vae", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors"),
+                      ("reference_encoder", "diffusion_pytorch_model.safetensors"),
+                      ("unet", "diffusion_pytorch_model.safetensors")):
+        before, after = load_file(str(base / sub / name)), load_file(str(result.pipeline_dir / sub / name))
+        assert all(after[key].dtype == torch.float32 for key in after), sub
+        same = [key for key in before if torch.equal(before[key], after[key])]
+        if sub != "unet" or stage == 2:  # stage 2 trains the adapter only: the UNet comes back bit for bit
+            assert len(same) == len(before), f"{sub}: {len(before) - len(same)} tensors rounded"
+        else:  # LoRA fused into the attention projections; everything else is the original
+            fused = {key for key in before if key not in same}
+            assert fused and all(".attn" in key for key in fused), sorted(fused)[:3]
+
+
 def test_stage2_learns_on_a_fixed_batch(tmp_path, setup):
     """Loss on fixed noise/timesteps drops after a few adapter steps (a learning signal, not a timing)."""
     base, _ = setup

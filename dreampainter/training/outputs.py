@@ -65,6 +65,35 @@ def _restore_master_weights(accelerator: Accelerator, trainable) -> None:
             param.data = master.to(param.device)
 
 
+def _is_half(module) -> bool:
+    return module is not None and any(p.dtype in (torch.float16, torch.bfloat16) for p in module.parameters())
+
+
+def _restore_frozen_precision(config: DictConfig, parts: TrainingComponents, unet) -> TrainingComponents:
+    """fp16/bf16 runs cast the frozen weights (VAE, text and image encoders, the frozen UNet) to half precision
+    for speed; the saved pipeline must hold the originals, not rounded copies. Reload them from
+    ``model.pretrained`` in float32: the encoders whole, and every frozen half-precision UNet parameter by name
+    (LoRA's wrapped ``base_layer`` included), before any LoRA is fused."""
+    if not any(_is_half(m) for m in (parts.vae, parts.text_encoder, parts.reference_encoder, unet)):
+        return parts
+    from dataclasses import replace
+
+    from dreampainter.training.components import load_components
+
+    original = load_components(config)
+    weights = original.unet.state_dict()
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            key = name.replace(".base_layer.", ".")
+            if param.requires_grad or param.dtype == torch.float32 or key not in weights:
+                continue
+            if weights[key].shape == param.shape:
+                param.data = weights[key].to(device=param.device, dtype=torch.float32)
+    return replace(
+        parts, vae=original.vae, text_encoder=original.text_encoder, reference_encoder=original.reference_encoder
+    )
+
+
 def save_outputs(config: DictConfig, accelerator: Accelerator, parts: TrainingComponents, unet, ema, trainable, output_dir: Path):
     """Final weights (EMA when enabled) -> ``pipeline/``, ``adapter/``, ``ip_adapter.safetensors``, ``lora/``."""
     accelerator.wait_for_everyone()
@@ -74,6 +103,7 @@ def save_outputs(config: DictConfig, accelerator: Accelerator, parts: TrainingCo
         unet = accelerator.unwrap_model(unet)
         if ema is not None:
             ema.copy_to(trainable)
+        parts = _restore_frozen_precision(config, parts, unet)
         unet.to(torch.float32)
         _merge_lora(unet, output_dir)
         pipeline = build_pipeline(parts, unet)
