@@ -1,13 +1,15 @@
 """The trainer: both stages end to end on real shards, outputs, config rules, NaN handling, objective."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from diffusers import DDPMScheduler
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
-from training_utils import make_tiny_base, make_toy_shards, tiny_config, write_config
+from training_utils import REPO, make_tiny_base, make_toy_shards, subprocess_env, tiny_config, write_config
 
 from dreampainter.errors import InvalidInputError, MissingFileError
 from dreampainter.models import has_reference_adapter
@@ -56,16 +58,21 @@ def test_stage1_then_stage2_produce_loadable_pipelines(tmp_path, setup):
 @pytest.mark.parametrize("stage", [2, 1])
 def test_bf16_run_saves_the_frozen_weights_unrounded(tmp_path, setup, stage):
     """bf16 casts the frozen VAE, encoders and UNet for speed; the saved pipeline must hold the originals."""
-    base, _ = setup
+    base, shards = setup
     sections = {"run": {"stage": 2}, "train": {"max_steps": 2, "mixed_precision": "bf16"},
                 "checkpoint": {"every_steps": 0}}
     if stage == 1:  # LoRA: the frozen base weights sit under peft's base_layer until fused
         sections.update(run={"stage": 1}, model={"unet_training": "lora"})
-    result = train(_config(tmp_path, setup, **sections))
+    config = write_config(tiny_config(base, shards, tmp_path / "run", **sections), tmp_path / "run.yaml")
+    # Its own process: accelerate's state (mixed precision included) is fixed once per process.
+    command = [sys.executable, str(REPO / "scripts" / "train.py"), "--config", str(config)]
+    done = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    pipeline_dir = tmp_path / "run" / "pipeline"
     for sub, name in (("vae", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors"),
                       ("reference_encoder", "diffusion_pytorch_model.safetensors"),
                       ("unet", "diffusion_pytorch_model.safetensors")):
-        before, after = load_file(str(base / sub / name)), load_file(str(result.pipeline_dir / sub / name))
+        before, after = load_file(str(base / sub / name)), load_file(str(pipeline_dir / sub / name))
         assert all(after[key].dtype == torch.float32 for key in after), sub
         same = [key for key in before if torch.equal(before[key], after[key])]
         if sub != "unet" or stage == 2:  # stage 2 trains the adapter only: the UNet comes back bit for bit
