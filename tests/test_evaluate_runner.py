@@ -5,9 +5,6 @@ import csv
 import io
 import json
 import shutil
-import socket
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -15,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from training_utils import REPO, subprocess_env
+from training_utils import REPO, accelerate_launch
 
 from dreampainter.cli import main
 from dreampainter.data.tario import iter_tar_samples
@@ -183,15 +180,7 @@ def test_two_processes_give_the_same_report_as_one(setup, one_process):
     root, bench = setup
     out_one, one = one_process
     out = root / "two"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH_CONFIG),
-        "--main_process_port", str(port), str(REPO / "scripts" / "evaluate.py"), *_args(root, bench, out),
-    ]  # fmt: skip
-    done = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    accelerate_launch(LAUNCH_CONFIG, "evaluate.py", *_args(root, bench, out))
     two = json.loads((out / "metrics.json").read_text())
     assert two["counts"] == {**one["counts"], "processes": 2}
     assert len(two["timing"]["generate_s_per_process"]) == 2

@@ -11,14 +11,11 @@ import json
 import math
 import os
 import shutil
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from training_utils import REPO, make_tiny_base, make_toy_shards, subprocess_env, tiny_config, write_config
+from training_utils import REPO, accelerate_launch, make_tiny_base, make_toy_shards, tiny_config, write_config
 
 from dreampainter.models import adapter_state_dict
 
@@ -29,22 +26,11 @@ needs_deepspeed = pytest.mark.skipif(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(launch_config, config_path, *overrides, check: bool = True) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch_config),
-        "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(_free_port()),
-        str(REPO / "scripts" / "train.py"), "--config", str(config_path), *overrides,
-    ]
-    done = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=600)
-    if check:
-        assert done.returncode == 0, done.stderr[-3000:]
-    return done
+def _launch(launch_config, config_path, *overrides, check: bool = True):
+    return accelerate_launch(
+        launch_config, "train.py", "--config", str(config_path), *overrides,
+        launch_args=("--num_processes", "2", "--mixed_precision", "no"), check=check,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -2,33 +2,17 @@
 checkpoint writer, and a resumed 2-process run bitwise-equal to an uninterrupted one."""
 
 import json
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from training_utils import REPO, make_tiny_base, make_toy_shards, subprocess_env, tiny_config, write_config
+from training_utils import REPO, accelerate_launch, make_tiny_base, make_toy_shards, tiny_config, write_config
 
 LAUNCH_CONFIG = REPO / "configs" / "accelerate" / "cpu_2proc.yaml"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(config_path, *overrides):
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH_CONFIG),
-        "--main_process_port", str(_free_port()), str(REPO / "scripts" / "train.py"), "--config", str(config_path),
-        *overrides,
-    ]
-    done = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
+    return accelerate_launch(LAUNCH_CONFIG, "train.py", "--config", str(config_path), *overrides)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -75,3 +76,20 @@ def run_cli(args: list[str], **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "dreampainter.cli", *args], env=subprocess_env(), capture_output=True, text=True, **kwargs
     )
+
+
+def accelerate_launch(
+    launch_config: Path, script: str, *args: str, launch_args: tuple[str, ...] = (), check: bool = True
+) -> subprocess.CompletedProcess:
+    """``accelerate launch --config_file launch_config [launch_args] scripts/<script> args`` on a free port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch_config), *launch_args,
+        "--main_process_port", str(port), str(REPO / "scripts" / script), *args,
+    ]  # fmt: skip
+    done = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    if check:
+        assert done.returncode == 0, done.stderr[-3000:]
+    return done
