@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dreampainter.errors import InvalidInputError
 
+# The --dtype choices of the commands that load a pipeline (the names of torch dtypes).
+DTYPES = ("float32", "float16", "bfloat16")
+
 
 def device_and_dtype(device_arg: str, dtype_arg: str, auto_device: str | None = None):
     """``--device`` / ``--dtype`` -> ``(torch.device, torch.dtype)``; ``auto`` is ``auto_device`` or CUDA if present."""

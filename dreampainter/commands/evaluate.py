@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dreampainter.commands.common import device_and_dtype
-
-DTYPES = ("float32", "float16", "bfloat16")
+from dreampainter.commands.common import DTYPES, device_and_dtype
 
 
 def register(subparsers) -> None:

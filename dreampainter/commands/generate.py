@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from dreampainter.commands.common import device_and_dtype
+from dreampainter.commands.common import DTYPES, device_and_dtype
 from dreampainter.errors import InvalidInputError
-
-DTYPES = ("float32", "float16", "bfloat16")
 
 
 def register(subparsers) -> None:
