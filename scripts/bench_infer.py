@@ -154,26 +154,15 @@ def main() -> None:
     reference = Image.fromarray(rng.integers(0, 256, (300, 200, 3), dtype=np.uint8))
     prompt, steps = "a bottle on a marble table", args.steps
 
-    def ours_2():
+    def ours_run(reference_guidance_scale: float):
+        """Ours; text and reference scales equal -> two branches, different -> three."""
         ours(
             prompt,
             photo,
             product_mask,
             reference_image=reference,
             text_guidance_scale=7.5,
-            reference_guidance_scale=7.5,
-            num_inference_steps=steps,
-            generator=torch.Generator().manual_seed(0),
-        )
-
-    def ours_3():
-        ours(
-            prompt,
-            photo,
-            product_mask,
-            reference_image=reference,
-            text_guidance_scale=7.5,
-            reference_guidance_scale=5.0,
+            reference_guidance_scale=reference_guidance_scale,
             num_inference_steps=steps,
             generator=torch.Generator().manual_seed(0),
         )
@@ -191,7 +180,7 @@ def main() -> None:
             generator=torch.Generator().manual_seed(0),
         )
 
-    runs = {"ours-2": ours_2, "ours-3": ours_3, "diffusers-2": diffusers_2}
+    runs = {"ours-2": lambda: ours_run(7.5), "ours-3": lambda: ours_run(5.0), "diffusers-2": diffusers_2}
     rows = {}
     for name, fn in runs.items():  # warm-up, and count the UNet rows each step runs
         seen = []
