@@ -195,6 +195,7 @@ def evaluate_demo(pipeline_dir: Path, bench: Path, out: Path, settings: DemoSett
     from dreampainter.evaluation.colour import background_distances
     from dreampainter.evaluation.product import psnr_in_region
     from dreampainter.pipelines import DreamPainterPipeline
+    from dreampainter.pipelines.image_processing import DEFAULT_FEATHER_RADIUS, composite, feathered_alpha
 
     pipe = DreamPainterPipeline.from_pretrained(str(pipeline_dir))
     pipe.set_progress_bar_config(disable=True)
@@ -218,10 +219,14 @@ def evaluate_demo(pipeline_dir: Path, bench: Path, out: Path, settings: DemoSett
         other = samples[shuffled[i]]
         reference = np.asarray(sample.reference).reshape(-1, 3)
         photo = np.asarray(sample.photo)
+        # One generation gives both the raw image (product PSNR) and, pasted back with the pipeline's
+        # own compositing, the final result (as the evaluation runner does).
+        raw = generate(sample, sample.prompt, sample.reference, paste=False)
+        alpha = feathered_alpha(sample.product_mask, DEFAULT_FEATHER_RADIUS)
         results = {
             "true_reference": generate(sample, "", sample.reference),
             "shuffled_reference": generate(sample, "", other.reference),
-            "true_reference_with_prompt": generate(sample, sample.prompt, sample.reference),
+            "true_reference_with_prompt": composite(raw, photo.astype(np.float32) / 255.0, alpha),
             "shuffled_reference_with_prompt": generate(sample, sample.prompt, other.reference),
             "true_prompt": generate(sample, sample.prompt, None),
             "shuffled_prompt": generate(sample, other.prompt, None),
@@ -229,9 +234,8 @@ def evaluate_demo(pipeline_dir: Path, bench: Path, out: Path, settings: DemoSett
         for name, result in results.items():
             image = (result * 255).round().astype(np.uint8)
             distances[name].append(background_distances(_background(image, sample.product_mask), reference)["bg_delta_e"])
-        raw = (generate(sample, sample.prompt, sample.reference, paste=False) * 255).round().astype(np.uint8)
         product = sample.product_mask >= 128
-        psnrs.append(psnr_in_region(raw, photo, product))
+        psnrs.append(psnr_in_region((raw * 255).round().astype(np.uint8), photo, product))
         pasted = (results["true_reference_with_prompt"] * 255).round().astype(np.uint8)
         max_change = max(max_change, float(np.abs(pasted[product].astype(int) - photo[product].astype(int)).max()))
         if len(grid_rows) < 6:

@@ -16,6 +16,7 @@ import torch
 
 from dreampainter.errors import CheckpointMismatchError, InvalidInputError, MissingFileError, require_file
 from dreampainter.evaluation.registry import EvaluationConfig
+from dreampainter.pipelines.image_processing import DEFAULT_FEATHER_RADIUS
 
 CONTROLS = ("no_reference", "shuffled_reference")
 
@@ -34,7 +35,7 @@ class BenchmarkSettings:
     reference_scale: float | None = None
     negative_prompt: str | None = None
     resolution: int | None = None
-    feather_radius: float = 2.0
+    feather_radius: float = DEFAULT_FEATHER_RADIUS
     product_dilation: int = 0
     save_images: bool = True
     contact_metric: str | None = None  # default: the first of CONTACT_METRICS that was measured

@@ -172,6 +172,10 @@ def processing_size(width: int, height: int, multiple: int, resolution: int | No
     )
 
 
+# How far (px) the pasted-back product is feathered outward by default (pipeline, evaluation, demo).
+DEFAULT_FEATHER_RADIUS = 2.0
+
+
 def feathered_alpha(product_mask: np.ndarray, feather_radius: float) -> np.ndarray:
     """Float (H, W) in [0, 1]: 1 on the product, fading to 0 over ``feather_radius`` px outside it.
 

@@ -29,6 +29,7 @@ from dreampainter.errors import InvalidInputError, require_file
 from dreampainter.pipelines import reference_support
 from dreampainter.pipelines.guidance import TEXT_REF, UNCOND, GuidancePlan
 from dreampainter.pipelines.image_processing import (
+    DEFAULT_FEATHER_RADIUS,
     ProductInput,
     composite,
     feathered_alpha,
@@ -349,7 +350,7 @@ class DreamPainterPipeline(DiffusionPipeline):
         resolution: int | None = None,
         product_dilation: int = 0,
         paste_product: bool = True,
-        feather_radius: float = 2.0,
+        feather_radius: float = DEFAULT_FEATHER_RADIUS,
         eta: float = 0.0,
         max_pixels: int | None = None,
         output_type: str = "pil",
