@@ -30,8 +30,8 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from dreampainter.data.augment import CLIP_MEAN, CLIP_STD
-from dreampainter.data.loader import build_dataloader
+from dreampainter.data.loading.augment import CLIP_MEAN, CLIP_STD
+from dreampainter.data.loading.loader import build_dataloader
 
 
 def _scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

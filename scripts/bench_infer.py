@@ -31,9 +31,9 @@ from dreampainter.models import (
     export_ip_adapter,
     install_reference_adapter,
 )
-from dreampainter.models.tiny import build_clip_tokenizer, build_tiny_scheduler, build_tiny_text_encoder
 from dreampainter.pipelines import DreamPainterPipeline
 from dreampainter.pipelines.image_processing import place_cutout
+from dreampainter.toy.models import build_clip_tokenizer, build_tiny_scheduler, build_tiny_text_encoder
 
 WIDTH = 256  # cross-attention / text width of the benchmark components
 

@@ -66,13 +66,13 @@ def build_base(folder: Path, vae_blocks: tuple[int, ...], unet_heads: int) -> Pa
     """
     import torch
 
-    from dreampainter.models.tiny import (
+    from dreampainter.pipelines import DreamPainterPipeline
+    from dreampainter.toy.models import (
         build_clip_tokenizer,
         build_tiny_scheduler,
         build_tiny_text_encoder,
         build_tiny_unet,
     )
-    from dreampainter.pipelines import DreamPainterPipeline
 
     torch.manual_seed(0)
     pipe = DreamPainterPipeline(
@@ -97,7 +97,7 @@ def flop_shares(base: Path) -> dict[str, dict[str, float]]:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from dreampainter.models.reference_encoder import ReferenceEncoder
-    from dreampainter.models.tiny import sd15_inpainting_unet_config
+    from dreampainter.toy.models import sd15_inpainting_unet_config
 
     def gflops(fn) -> float:
         with FlopCounterMode(display=False) as counter:
@@ -297,7 +297,7 @@ def ours_step_fn(parts, accelerator, unet, optimizer, trainable, config, cached:
     import torch
     from omegaconf import OmegaConf
 
-    from dreampainter.data.loader import LoaderConfig, build_dataloader
+    from dreampainter.data.loading.loader import LoaderConfig, build_dataloader
     from dreampainter.training.cache import open_latent_cache
     from dreampainter.training.step import diffusion_loss, encode_prompts
     from dreampainter.training.trainer import _prepare_inputs
@@ -432,7 +432,7 @@ def main() -> None:
 
 
 def prepare(workdir: Path, args) -> None:
-    from dreampainter.data.toy import write_toy_dataset
+    from dreampainter.toy.data import write_toy_dataset
     from dreampainter.training import load_config
     from dreampainter.training.cache import cache_latents
 

@@ -73,7 +73,7 @@ class Shapes:
 
 
 def sd15_shapes() -> Shapes:
-    from dreampainter.models.tiny import sd15_inpainting_unet_config
+    from dreampainter.toy.models import sd15_inpainting_unet_config
 
     return Shapes(
         unet=sd15_inpainting_unet_config(),
@@ -89,7 +89,7 @@ def sd15_shapes() -> Shapes:
 
 def small_shapes() -> Shapes:
     """The same layouts (4 UNet / VAE levels, same block types, resampler depth 4), small widths."""
-    from dreampainter.models.tiny import sd15_inpainting_unet_config
+    from dreampainter.toy.models import sd15_inpainting_unet_config
 
     return Shapes(
         unet={**sd15_inpainting_unet_config(), "block_out_channels": (32, 64, 64, 64), "cross_attention_dim": 32,
@@ -167,7 +167,7 @@ def build_components(shapes: Shapes, projection: str, device, weight_dtype, toke
     from diffusers import DDPMScheduler
 
     from dreampainter.models.adapter import adapter_parameters, cast_frozen_unet
-    from dreampainter.models.tiny import build_clip_tokenizer
+    from dreampainter.toy.models import build_clip_tokenizer
     from dreampainter.training.components import TrainingComponents
 
     torch.manual_seed(0)
@@ -196,7 +196,7 @@ def build_components(shapes: Shapes, projection: str, device, weight_dtype, toke
 
 
 def make_batch(batch_size: int, resolution: int, reference_size: int) -> dict:
-    """A loader-format batch (see dreampainter.data.loader): photo, centred product box, reference, prompts."""
+    """A loader-format batch (see dreampainter.data.loading.loader): photo, centred product box, reference, prompts."""
     import torch
 
     generator = torch.Generator().manual_seed(0)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dreampainter.data.format import ShardIndex, ShardInfo
+from dreampainter.data.shards.format import ShardIndex, ShardInfo
 
 
 def encode(array: np.ndarray, fmt: str, **kwargs) -> bytes:

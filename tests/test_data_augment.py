@@ -10,12 +10,12 @@ import pytest
 import torch
 from data_shards import encode
 
-from dreampainter.data import masks
-from dreampainter.data.augment import CropPlan, apply_crop, plan_crop, prepare_reference
-from dreampainter.data.buckets import bucket_batches, make_buckets, nearest_bucket
-from dreampainter.data.fastdecode import probe
-from dreampainter.data.loader_config import LoaderConfig
-from dreampainter.data.sample import PlannedSample, process_sample
+from dreampainter.data.loading import masks
+from dreampainter.data.loading.augment import CropPlan, apply_crop, plan_crop, prepare_reference
+from dreampainter.data.loading.buckets import bucket_batches, make_buckets, nearest_bucket
+from dreampainter.data.loading.config import LoaderConfig
+from dreampainter.data.loading.fastdecode import probe
+from dreampainter.data.loading.sample import PlannedSample, process_sample
 from dreampainter.errors import InvalidInputError
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from data_shards import encode, make_members, write_shards, write_tar
 
-from dreampainter.data.loader import LoaderConfig, build_dataloader
-from dreampainter.data.shardlist import resolve_shards
+from dreampainter.data.loading.loader import LoaderConfig, build_dataloader
+from dreampainter.data.shards.sources import resolve_shards
 from dreampainter.errors import InvalidInputError, MissingFileError
 
 SMALL = {"resolution": 32, "reference_size": 16, "shuffle_buffer": 8}
@@ -351,7 +351,7 @@ def test_skip_warnings_are_rate_limited(tmp_path, caplog):
     samples = [(f"bad{i:02d}", make_members(f"bad{i:02d}", i, prompt="")) for i in range(25)]
     samples.append(("ok", make_members("ok", 99)))
     write_tar(tmp_path / "x.tar", samples)
-    with caplog.at_level("WARNING", logger="dreampainter.data.skips"):
+    with caplog.at_level("WARNING", logger="dreampainter.data.loading.skips"):
         loader = build_dataloader(
             tmp_path, {**SMALL, "epoch_mode": "exact", "drop_last": False}, batch_size=1
         )

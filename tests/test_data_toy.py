@@ -13,16 +13,16 @@ import webdataset as wds
 from PIL import Image
 from scipy import ndimage
 
-from dreampainter.data.format import ShardIndex
-from dreampainter.data.toy import (
+from dreampainter.data.shards.format import ShardIndex
+from dreampainter.errors import InvalidInputError
+from dreampainter.toy.data import (
     DEFAULT_SPLITS,
     encode_toy_sample,
     make_toy_sample,
     split_counts,
     write_toy_dataset,
 )
-from dreampainter.data.toy_vocab import CATEGORIES, LIGHT_TINTS, LIGHTS, MATERIALS, PALETTE, material_word
-from dreampainter.errors import InvalidInputError
+from dreampainter.toy.vocab import CATEGORIES, LIGHT_TINTS, LIGHTS, MATERIALS, PALETTE, material_word
 
 FIXTURE = Path(__file__).resolve().parents[1] / "data" / "fixtures" / "toy"
 RES = 48

@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 
 from dreampainter import cli
-from dreampainter.data.format import INDEX_FILENAME, EncodedSample, ShardIndex
-from dreampainter.data.tario import TarFormatError, TruncatedTarError, iter_tar_samples, member_bytes
-from dreampainter.data.validate import validate_shards
-from dreampainter.data.writer import index_shards, write_shards
+from dreampainter.data.shards.format import INDEX_FILENAME, EncodedSample, ShardIndex
+from dreampainter.data.shards.tar import TarFormatError, TruncatedTarError, iter_tar_samples, member_bytes
+from dreampainter.data.shards.validate import validate_shards
+from dreampainter.data.shards.writer import index_shards, write_shards
 from dreampainter.errors import InvalidInputError, MissingFileError
 
 
@@ -359,9 +359,9 @@ def test_cli_errors_are_one_line(tmp_path, run_cli):
 
 def test_cli_toy_calls_the_generator(tmp_path, run_cli, monkeypatch):
     calls = []
-    fake = types.ModuleType("dreampainter.data.toy")
+    fake = types.ModuleType("dreampainter.toy.data")
     fake.write_toy_dataset = lambda out_dir, **kwargs: calls.append((out_dir, kwargs))
-    monkeypatch.setitem(sys.modules, "dreampainter.data.toy", fake)
+    monkeypatch.setitem(sys.modules, "dreampainter.toy.data", fake)
     code, out, _ = run_cli(
         "data", "toy", "--out", str(tmp_path), "--num", "12", "--seed", "3", "--workers", "2"
     )

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dreampainter.data.format import INDEX_FILENAME, EncodedSample, ShardIndex
-from dreampainter.data.tario import iter_tar_samples
-from dreampainter.data.validate import validate_shards
-from dreampainter.data.writer import write_shards, write_shards_from_manifest
+from dreampainter.data.shards.format import INDEX_FILENAME, EncodedSample, ShardIndex
+from dreampainter.data.shards.tar import iter_tar_samples
+from dreampainter.data.shards.validate import validate_shards
+from dreampainter.data.shards.writer import write_shards, write_shards_from_manifest
 from dreampainter.errors import InvalidInputError
 
 
@@ -383,8 +383,8 @@ def test_shards_are_readable_by_gnu_tar(tmp_path):
 KILLED_WRITER = """
 import os, signal, sys
 import numpy as np
-from dreampainter.data.format import EncodedSample
-from dreampainter.data.writer import write_shards
+from dreampainter.data.shards.format import EncodedSample
+from dreampainter.data.shards.writer import write_shards
 
 def samples():
     rng = np.random.default_rng(0)

@@ -3,7 +3,7 @@
 import json
 
 from dreampainter.cli import main
-from dreampainter.demo import DemoSettings, run_demo, sign_test_p
+from dreampainter.toy.demo import DemoSettings, run_demo, sign_test_p
 
 
 def test_sign_test():

@@ -15,8 +15,7 @@ import yaml
 from training_utils import REPO, accelerate_launch
 
 from dreampainter.cli import main
-from dreampainter.data.tario import iter_tar_samples
-from dreampainter.data.toy import write_toy_dataset
+from dreampainter.data.shards.tar import iter_tar_samples
 from dreampainter.evaluation.bench_data import read_benchmark_share, shuffled_partners
 from dreampainter.evaluation.contact_sheet import pick_cases
 from dreampainter.evaluation.runner import (
@@ -27,7 +26,8 @@ from dreampainter.evaluation.runner import (
     plan_runs,
     sample_seed,
 )
-from dreampainter.evaluation.tiny_backbones import write_tiny_backbones
+from dreampainter.toy.backbones import write_tiny_backbones
+from dreampainter.toy.data import write_toy_dataset
 
 LAUNCH_CONFIG = REPO / "configs" / "accelerate" / "cpu_2proc.yaml"
 NUM_TOY = 6
@@ -82,7 +82,7 @@ def make_bench(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from dreampainter.pipelines.tiny import build_tiny_pipeline
+    from dreampainter.toy.pipeline import build_tiny_pipeline
 
     root = tmp_path_factory.mktemp("evaluate")
     build_tiny_pipeline(root / "tokenizer", reference=True).save_pretrained(root / "pipeline")
@@ -222,7 +222,7 @@ def test_composited_result_equals_the_pipeline_paste_and_seeds_ignore_batching(s
 
 
 def test_a_text_only_pipeline_runs_main_only_and_says_why(tmp_path):
-    from dreampainter.pipelines.tiny import build_tiny_pipeline
+    from dreampainter.toy.pipeline import build_tiny_pipeline
 
     text_only = build_tiny_pipeline(tmp_path / "tokenizer", reference=False)
     runs, skipped = plan_runs(text_only, ["no_reference", "shuffled_reference"], ["a", "b"])

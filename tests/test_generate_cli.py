@@ -14,7 +14,7 @@ from PIL import Image
 
 from dreampainter import cli
 from dreampainter.cli import main
-from dreampainter.pipelines.tiny import build_tiny_pipeline
+from dreampainter.toy.pipeline import build_tiny_pipeline
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ from dreampainter.evaluation.backbones import load_clip, load_dino
 from dreampainter.evaluation.batch import EvalBatch
 from dreampainter.evaluation.clip_scores import ClipMetric
 from dreampainter.evaluation.dino import DinoMetric
-from dreampainter.evaluation.tiny_backbones import save_tiny_clip, save_tiny_dino
+from dreampainter.toy.backbones import save_tiny_clip, save_tiny_dino
 
 PROMPTS = ["a red mug on a wooden table", "a shoe on the beach at sunset", "", "a lamp in a grey studio"]
 

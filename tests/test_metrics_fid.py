@@ -19,7 +19,7 @@ from dreampainter.evaluation.fid import (
     kernel_inception_distance,
     polynomial_mmd,
 )
-from dreampainter.evaluation.tiny_backbones import TinyFeatureNet, save_random_inception
+from dreampainter.toy.backbones import TinyFeatureNet, save_random_inception
 
 
 class FeaturesAsImages(torch.nn.Module):

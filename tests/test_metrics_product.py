@@ -16,7 +16,7 @@ from dreampainter.evaluation.product import (
     psnr_in_region,
     ssim_in_region,
 )
-from dreampainter.evaluation.tiny_backbones import save_random_lpips_trunk
+from dreampainter.toy.backbones import save_random_lpips_trunk
 
 
 def scene(seed=0, size=(48, 64)):

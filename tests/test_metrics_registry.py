@@ -9,7 +9,7 @@ import pytest
 from dreampainter.errors import InvalidInputError
 from dreampainter.evaluation import EvalBatch, EvaluationConfig, build_suite
 from dreampainter.evaluation.registry import json_ready
-from dreampainter.evaluation.tiny_backbones import TinyFeatureNet, write_tiny_backbones
+from dreampainter.toy.backbones import TinyFeatureNet, write_tiny_backbones
 
 WEIGHT_FREE = {"product", "expansion", "colour"}
 

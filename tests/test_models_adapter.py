@@ -20,7 +20,7 @@ from dreampainter.models import (
     set_reference_scale,
     without_reference_adapter,
 )
-from dreampainter.models.tiny import build_tiny_unet, sd15_inpainting_unet_config
+from dreampainter.toy.models import build_tiny_unet, sd15_inpainting_unet_config
 
 CONFIGS = {
     "linear": AdapterConfig("linear", image_embed_dim=24, num_tokens=4),

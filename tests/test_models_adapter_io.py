@@ -22,7 +22,7 @@ from dreampainter.models import (
     save_adapter,
     set_reference_scale,
 )
-from dreampainter.models.tiny import (
+from dreampainter.toy.models import (
     build_clip_tokenizer,
     build_tiny_scheduler,
     build_tiny_text_encoder,

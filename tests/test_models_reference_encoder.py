@@ -8,9 +8,13 @@ from PIL import Image
 from transformers import CLIPVisionModelWithProjection
 
 from dreampainter.errors import CheckpointMismatchError, InvalidInputError, MissingFileError
-from dreampainter.models import ReferenceEncoder, build_tiny_reference_encoder, prepare_reference
+from dreampainter.models import ReferenceEncoder, prepare_reference
 from dreampainter.models.reference_encoder import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from dreampainter.models.tiny import write_tiny_clip_vision_folder, write_tiny_open_clip_checkpoint
+from dreampainter.toy.models import (
+    build_tiny_reference_encoder,
+    write_tiny_clip_vision_folder,
+    write_tiny_open_clip_checkpoint,
+)
 
 
 @pytest.mark.parametrize("safetensors", [False, True], ids=["bin", "safetensors"])

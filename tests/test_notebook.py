@@ -8,7 +8,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from dreampainter.pipelines.tiny import build_tiny_pipeline
+from dreampainter.toy.pipeline import build_tiny_pipeline
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
 

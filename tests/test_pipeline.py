@@ -16,16 +16,16 @@ from diffusers import (
 from PIL import Image
 
 from dreampainter.errors import InvalidInputError, MissingFileError
-from dreampainter.models.tiny import (
+from dreampainter.pipelines import DreamPainterPipeline
+from dreampainter.pipelines.pipeline_dreampainter import ADAPTER_SUBFOLDER
+from dreampainter.toy.models import (
     build_clip_tokenizer,
     build_tiny_scheduler,
     build_tiny_text_encoder,
     build_tiny_unet,
     build_tiny_vae,
 )
-from dreampainter.pipelines import DreamPainterPipeline
-from dreampainter.pipelines.pipeline_dreampainter import ADAPTER_SUBFOLDER
-from dreampainter.pipelines.tiny import build_tiny_pipeline
+from dreampainter.toy.pipeline import build_tiny_pipeline
 
 STEPS = 3
 FAST = dict(num_inference_steps=STEPS, output_type="np")

@@ -7,13 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dreampainter.data.toy import make_toy_sample, sample_seed
-from dreampainter.data.toy_vocab import PALETTE
 from dreampainter.errors import InvalidInputError
 from dreampainter.evaluation.colour import rgb_to_lab
-from dreampainter.models.tiny import build_clip_tokenizer, build_tiny_text_encoder
 from dreampainter.pipelines import DreamPainterPipeline
-from dreampainter.training.tiny_base import (
+from dreampainter.toy.base_model import (
     REPORT_NAME,
     build_demo_base_model,
     build_demo_vae,
@@ -21,7 +18,10 @@ from dreampainter.training.tiny_base import (
     reconstruction_mse,
     toy_images,
 )
-from dreampainter.training.tiny_text import fit_text_encoder, scene_description, toy_prompts
+from dreampainter.toy.data import make_toy_sample, sample_seed
+from dreampainter.toy.models import build_clip_tokenizer, build_tiny_text_encoder
+from dreampainter.toy.text_fit import fit_text_encoder, scene_description, toy_prompts
+from dreampainter.toy.vocab import PALETTE
 
 FAST = dict(vae_steps=3, vae_images=8, vae_held_out=2, vae_batch_size=4, text_steps=2, text_prompts=8, progress=False)
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from training_utils import make_tiny_base, make_toy_shards, subprocess_env, tiny_config, write_config
 
 from dreampainter.cli import main
-from dreampainter.data.loader import LoaderConfig, build_dataloader
+from dreampainter.data.loading.loader import LoaderConfig, build_dataloader
 from dreampainter.errors import InvalidInputError, MissingFileError
 from dreampainter.training import cache as cache_module
 from dreampainter.training import load_config, train

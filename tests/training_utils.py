@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 def make_tiny_base(folder: Path, with_reference_encoder: bool = True) -> Path:
     """A tiny DreamPainter pipeline folder without adapter (what stage 1 / stage 2 start from)."""
     from dreampainter.models import remove_reference_adapter
-    from dreampainter.pipelines.tiny import build_tiny_pipeline
+    from dreampainter.toy.pipeline import build_tiny_pipeline
 
     pipe = build_tiny_pipeline(folder / "_tokenizer", reference=with_reference_encoder)
     if with_reference_encoder:
@@ -26,7 +26,7 @@ def make_tiny_base(folder: Path, with_reference_encoder: bool = True) -> Path:
 
 
 def make_toy_shards(folder: Path, num: int = 40) -> Path:
-    from dreampainter.data.toy import write_toy_dataset
+    from dreampainter.toy.data import write_toy_dataset
 
     write_toy_dataset(folder, num=num, seed=0, resolution=32, samples_per_shard=9, progress=False)
     return folder / "train"

@@ -8,7 +8,7 @@ from dreampainter.errors import DreamPainterError
 
 
 def _write_shards(args: argparse.Namespace) -> int:
-    from dreampainter.data.writer import write_shards_from_manifest
+    from dreampainter.data.shards.writer import write_shards_from_manifest
 
     index, report = write_shards_from_manifest(
         args.manifest,
@@ -30,7 +30,7 @@ def _write_shards(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from dreampainter.data.validate import validate_shards
+    from dreampainter.data.shards.validate import validate_shards
 
     report = validate_shards(args.shards, progress=not args.quiet, workers=args.workers)
     print(report.summary(max_listed=args.max_listed))
@@ -38,7 +38,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _index(args: argparse.Namespace) -> int:
-    from dreampainter.data.writer import index_shards
+    from dreampainter.data.shards.writer import index_shards
 
     index = index_shards(args.folder, pattern=args.pattern, overwrite=args.overwrite, progress=not args.quiet)
     print(f"indexed {len(index.shards)} shards, {index.num_samples} samples in {args.folder}")
@@ -47,7 +47,7 @@ def _index(args: argparse.Namespace) -> int:
 
 def _toy(args: argparse.Namespace) -> int:
     try:
-        from dreampainter.data.toy import write_toy_dataset
+        from dreampainter.toy.data import write_toy_dataset
     except ImportError as error:
         raise DreamPainterError(f"the toy data generator is not available ({error})") from None
     result = write_toy_dataset(

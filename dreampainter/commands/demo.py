@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def run(args: argparse.Namespace) -> int:
-    from dreampainter.demo import DemoSettings, run_demo
+    from dreampainter.toy.demo import DemoSettings, run_demo
 
     settings = DemoSettings.quick(args.out) if args.quick else DemoSettings(out_dir=Path(args.out))
     settings.seed = args.seed

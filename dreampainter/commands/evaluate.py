@@ -72,7 +72,7 @@ def load_evaluate_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from dreampainter.data.shardlist import resolve_shards
+    from dreampainter.data.shards.sources import resolve_shards
     from dreampainter.evaluation.runner import (
         CONTROLS,
         MAIN_RUN,

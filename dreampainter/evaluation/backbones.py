@@ -17,6 +17,7 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -159,6 +160,19 @@ def load_inception(path: str | os.PathLike, device: str | torch.device = "cpu") 
     return ImageFeatureExtractor(module.to(device), name="inception")
 
 
+def load_torchscript_features(path: str | os.PathLike, device: str | torch.device = "cpu") -> ImageFeatureExtractor:
+    """A TorchScript feature extractor (uint8 ``NCHW`` images -> ``(N, D)``) for FID/KID, from a local file.
+
+    ``torch.jit.load`` runs no pickled Python code, so any scripted extractor can be used.
+    """
+    require_file(path, "TorchScript feature extractor (evaluation.backbones.inception.path)", INCEPTION_HINT)
+    try:
+        module = torch.jit.load(os.fspath(path), map_location=device)
+    except RuntimeError as error:
+        raise CheckpointMismatchError(f"{path}: not a TorchScript file ({_one_line(error)})") from None
+    return ImageFeatureExtractor(module.eval(), name=f"torchscript:{Path(path).name}")
+
+
 # --------------------------------------------------------------------------- CLIP (CLIP-T, CLIP-I)
 
 
@@ -211,17 +225,33 @@ class ClipBackbone(_ImageBackbone):
         )
 
 
-def load_clip(model_name: str, path: str | os.PathLike, device: str | torch.device = "cpu") -> ClipBackbone:
-    """``open_clip.create_model_and_transforms(model_name, pretrained=path)`` from a local checkpoint."""
+def load_clip(
+    model_name: str,
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    model_config: str | os.PathLike | None = None,
+) -> ClipBackbone:
+    """``open_clip.create_model_and_transforms(model_name, pretrained=path)`` from a local checkpoint.
+
+    ``model_config``: an open_clip JSON model config (``<model_name>.json``) for an architecture that
+    open_clip does not ship; it is registered before the model is built.
+    """
     require_file(path, f"CLIP weights for open_clip model {model_name!r}", CLIP_HINT)
     import open_clip
 
-    from dreampainter.evaluation.tiny_backbones import TINY_CLIP_NAME, register_tiny_clip
-
-    if model_name == TINY_CLIP_NAME:
-        register_tiny_clip()
+    if model_config is not None:
+        require_file(model_config, "evaluation.backbones.clip.model_config (open_clip JSON model config)")
+        if Path(model_config).stem != model_name:
+            raise InvalidInputError(
+                f"evaluation.backbones.clip.model_config: open_clip names a model after its config file, "
+                f"so {model_config} defines {Path(model_config).stem!r}, not {model_name!r}"
+            )
+        open_clip.add_model_config(os.fspath(model_config))
     if model_name not in open_clip.list_models():
-        raise InvalidInputError(f"evaluation.backbones.clip.model: unknown open_clip model {model_name!r}")
+        raise InvalidInputError(
+            f"evaluation.backbones.clip.model: unknown open_clip model {model_name!r} "
+            "(for a custom architecture, set evaluation.backbones.clip.model_config to its JSON config)"
+        )
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=os.fspath(path))
     except (RuntimeError, AssertionError, KeyError, ValueError) as error:

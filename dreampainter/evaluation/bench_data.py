@@ -18,16 +18,16 @@ import numpy as np
 from PIL import Image
 
 from dreampainter.data.decode import load_image, load_mask
-from dreampainter.data.format import (
+from dreampainter.data.shards.format import (
     MASK_EXTENSION,
     META_EXTENSION,
     find_photo_suffix,
     find_reference_suffix,
     parse_meta,
 )
-from dreampainter.data.shardlist import open_shard, resolve_shards
-from dreampainter.data.tario import TarFormatError, iter_tar_samples
-from dreampainter.data.validate import check_sample
+from dreampainter.data.shards.sources import open_shard, resolve_shards
+from dreampainter.data.shards.tar import TarFormatError, iter_tar_samples
+from dreampainter.data.shards.validate import check_sample
 from dreampainter.errors import DreamPainterError, InvalidInputError
 
 

@@ -31,10 +31,12 @@ from dreampainter.evaluation.batch import EvalBatch
 
 DEFAULT_METRICS = ("image_quality", "clip", "dino", "product", "lpips", "expansion", "colour")
 
+# "fid": torchmetrics' FID Inception-v3 weights; "torchscript": any scripted uint8 NCHW -> (N, D) extractor.
+INCEPTION_KINDS = ("fid", "torchscript")
 # backbone name -> (keys allowed in its config entry, default values)
 BACKBONE_DEFAULTS: dict[str, dict[str, Any]] = {
     "inception": {"path": None, "kind": "fid"},
-    "clip": {"path": None, "model": "ViT-L-14-quickgelu"},
+    "clip": {"path": None, "model": "ViT-L-14-quickgelu", "model_config": None},
     "dino": {"path": None, "arch": "vit_small_patch16_224.dino", "model_kwargs": {}},
     "lpips": {"path": None, "net": "alex"},
 }
@@ -126,14 +128,11 @@ class Backbones:
 
     def _load(self, name: str) -> Any:
         entry = self.config.backbone(name)
-        if name == "inception" and entry["kind"] != "fid":
-            if entry["kind"] != "tiny":
-                raise InvalidInputError(
-                    f"evaluation.backbones.inception.kind: expected fid or tiny, got {entry['kind']!r}"
-                )
-            from dreampainter.evaluation.tiny_backbones import TinyFeatureNet
-
-            return bb.ImageFeatureExtractor(TinyFeatureNet().to(self.config.device), name="tiny-features")
+        if name == "inception" and entry["kind"] not in INCEPTION_KINDS:
+            hint = " (the toy extractor is now a TorchScript file: see dreampainter.toy.backbones)" * (entry["kind"] == "tiny")
+            raise InvalidInputError(
+                f"evaluation.backbones.inception.kind: expected one of {INCEPTION_KINDS}, got {entry['kind']!r}{hint}"
+            )
         if not entry.get("path"):
             raise MissingFileError(
                 f"no weights configured for the {name} backbone: set evaluation.backbones.{name}.path "
@@ -141,9 +140,11 @@ class Backbones:
             )
         device = self.config.device
         if name == "inception":
+            if entry["kind"] == "torchscript":
+                return bb.load_torchscript_features(entry["path"], device)
             return bb.load_inception(entry["path"], device)
         if name == "clip":
-            return bb.load_clip(entry["model"], entry["path"], device)
+            return bb.load_clip(entry["model"], entry["path"], device, model_config=entry["model_config"])
         if name == "dino":
             return bb.load_dino(entry["arch"], entry["path"], device, entry.get("model_kwargs") or {})
         return bb.load_lpips(entry["net"], entry["path"], device)

@@ -35,7 +35,6 @@ from dreampainter.models.reference_encoder import (
     ReferenceEncoderOutput,
     prepare_reference,
 )
-from dreampainter.models.tiny import build_tiny_reference_encoder
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -51,7 +50,6 @@ __all__ = [
     "adapter_parameters",
     "adapter_state_dict",
     "build_projection",
-    "build_tiny_reference_encoder",
     "cast_frozen_unet",
     "cross_attention_layers",
     "drop_references",

@@ -47,8 +47,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from dreampainter.data.buckets import bucket_batches
-from dreampainter.data.loader import LoaderConfig, SkipCounter, build_dataloader
+from dreampainter.data.loading.buckets import bucket_batches
+from dreampainter.data.loading.loader import LoaderConfig, SkipCounter, build_dataloader
 from dreampainter.errors import InvalidInputError, MissingFileError
 from dreampainter.models import reference_features
 from dreampainter.training.step import (

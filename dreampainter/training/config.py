@@ -69,7 +69,7 @@ class DataConfig:
     validation: str | None = None  # shards whose first samples make the validation grid
     cache: str | None = None  # a latent cache folder (dreampainter cache-latents): steps run only the UNet
     num_workers: int = 2
-    loader: dict[str, Any] = field(default_factory=dict)  # dreampainter.data.loader.LoaderConfig fields
+    loader: dict[str, Any] = field(default_factory=dict)  # dreampainter.data.loading.loader.LoaderConfig fields
 
 
 @dataclass
@@ -212,7 +212,7 @@ def validate_config(config: DictConfig) -> None:
             raise InvalidInputError(f"config {key} must be >= 1, got {OmegaConf.select(config, key)}")
     if config.optim.lr <= 0:
         raise InvalidInputError(f"config optim.lr must be > 0, got {config.optim.lr}")
-    from dreampainter.data.loader import LoaderConfig
+    from dreampainter.data.loading.loader import LoaderConfig
 
     LoaderConfig.from_dict(OmegaConf.to_container(config.data.loader, resolve=True))
     if config.run.stage == 1 and config.model.unet_training == "frozen":

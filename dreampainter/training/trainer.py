@@ -25,7 +25,7 @@ from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from dreampainter.data.loader import LoaderConfig, build_dataloader
+from dreampainter.data.loading.loader import LoaderConfig, build_dataloader
 from dreampainter.errors import DreamPainterError, InvalidInputError
 from dreampainter.models import adapter_parameters, cast_frozen_unet, reference_features
 from dreampainter.training import checkpointing

@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 from dreampainter.data.decode import load_image, load_mask
-from dreampainter.data.format import find_photo_suffix, find_reference_suffix, parse_meta
-from dreampainter.data.shardlist import open_shard, resolve_shards
-from dreampainter.data.tario import iter_tar_samples
+from dreampainter.data.shards.format import find_photo_suffix, find_reference_suffix, parse_meta
+from dreampainter.data.shards.sources import open_shard, resolve_shards
+from dreampainter.data.shards.tar import iter_tar_samples
 
 
 @dataclass

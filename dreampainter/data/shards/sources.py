@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 import braceexpand
 from webdataset.gopen import gopen
 
-from dreampainter.data.format import INDEX_FILENAME, ShardIndex
+from dreampainter.data.shards.format import INDEX_FILENAME, ShardIndex
 from dreampainter.errors import InvalidInputError, MissingFileError
 
 # Schemes webdataset's gopen handles itself; everything else with a scheme goes through fsspec.

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from dreampainter.data.checks import MASK_MODES, mask_problems, mask_size_problem, meta_problems
 from dreampainter.data.decode import load_image, load_mask
-from dreampainter.data.format import EncodedSample, check_key
+from dreampainter.data.shards.checks import MASK_MODES, mask_problems, mask_size_problem, meta_problems
+from dreampainter.data.shards.format import EncodedSample, check_key
 from dreampainter.errors import DreamPainterError, InvalidInputError, MissingFileError
 
 FILE_FIELDS = ("photo", "mask", "reference")
@@ -93,7 +93,7 @@ class EncodeOptions:
 
 @dataclass
 class WriteReport:
-    """What :func:`~dreampainter.data.writer.write_shards_from_manifest` did."""
+    """What :func:`~dreampainter.data.shards.writer.write_shards_from_manifest` did."""
 
     source: str
     num_rows: int

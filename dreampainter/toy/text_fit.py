@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dreampainter.data.toy import make_toy_sample, sample_seed
-from dreampainter.data.toy_vocab import LIGHT_TINTS, LIGHTS, PALETTE, SURFACES, material_word
 from dreampainter.errors import InvalidInputError
+from dreampainter.toy.data import make_toy_sample, sample_seed
+from dreampainter.toy.vocab import LIGHT_TINTS, LIGHTS, PALETTE, SURFACES, material_word
 
 MATERIAL_WORDS = ("wood", "marble", "fabric", "glossy", "matte")
 # Toy seeds of the prompts the text encoder is fitted on and of its held-out check: split names

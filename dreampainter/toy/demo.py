@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from dreampainter.errors import MissingFileError
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # package data: works from a wheel too
 
 
 @dataclass
@@ -41,7 +41,7 @@ class DemoSettings:
     num_toy: int = 3000
     resolution: int = 32
     vae_steps: int = 300
-    text_steps: int = 400  # fitting the tiny text encoder (dreampainter.training.tiny_text)
+    text_steps: int = 400  # fitting the tiny text encoder (dreampainter.toy.text_fit)
     stage1_steps: int = 900
     stage2_steps: int = 800
     batch_size: int = 32
@@ -115,7 +115,7 @@ class DemoReport:
 def _config_path(name: str) -> Path:
     path = CONFIG_DIR / name
     if not path.exists():
-        raise MissingFileError(f"demo config not found: {path} (run the demo from a checkout of the repository)")
+        raise MissingFileError(f"demo config not found: {path} (the package was installed without its data files: reinstall dreampainter)")
     return path
 
 
@@ -137,10 +137,10 @@ def _stage_overrides(settings: DemoSettings, pretrained: Path, data: Path, outpu
 
 def run_demo(settings: DemoSettings) -> DemoReport:
     """Run every step of the demo and return (and save) its report."""
-    from dreampainter.data.toy import write_toy_dataset
+    from dreampainter.toy.base_model import build_demo_base_model
+    from dreampainter.toy.data import write_toy_dataset
     from dreampainter.training import load_config, train
     from dreampainter.training.cache import cache_latents
-    from dreampainter.training.tiny_base import build_demo_base_model
 
     out = Path(settings.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -170,8 +170,8 @@ def run_demo(settings: DemoSettings) -> DemoReport:
     base = timed("base model", lambda: build_demo_base_model(
         out / "base", resolution=settings.resolution, seed=settings.seed, vae_steps=settings.vae_steps,
         text_steps=settings.text_steps))
-    stage1 = timed("stage 1", lambda: stage("stage1", "tiny_stage1.yaml", base, settings.stage1_steps))
-    stage2 = timed("stage 2", lambda: stage("stage2", "tiny.yaml", stage1.pipeline_dir, settings.stage2_steps))
+    stage1 = timed("stage 1", lambda: stage("stage1", "demo_stage1.yaml", base, settings.stage1_steps))
+    stage2 = timed("stage 2", lambda: stage("stage2", "demo_stage2.yaml", stage1.pipeline_dir, settings.stage2_steps))
     report = timed("evaluation", lambda: evaluate_demo(stage2.pipeline_dir, data / "bench", out, settings))
     report.seconds = seconds
     (out / "report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")

@@ -5,7 +5,7 @@ references (generated in memory), so that decoded images mean something and late
 (32 px images, three blocks -> 4x down-sampling -> 8x8 latents). The other components are tiny and
 random: a 9-channel inpainting UNet, a CLIP text encoder with the real CLIP BPE vocabulary, a frozen
 CLIP vision tower for references, and the scheduler recipe that learns on toy data in minutes
-(v-prediction, zero-terminal-SNR betas, trailing timesteps; see DESIGN.md "The CPU demo: sizing").
+(v-prediction, zero-terminal-SNR betas, trailing timesteps; see docs/architecture.md, "The toy world and the CPU demo").
 
 The folder is written with ``DreamPainterPipeline.save_pretrained`` (no adapter yet: stage 2 adds it)
 and loads with ``DreamPainterPipeline.from_pretrained``.
@@ -25,9 +25,9 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from tqdm.auto import tqdm
 
-from dreampainter.data.toy import MIN_RESOLUTION, make_toy_sample, sample_seed
 from dreampainter.errors import InvalidInputError
-from dreampainter.training.tiny_text import (
+from dreampainter.toy.data import MIN_RESOLUTION, make_toy_sample, sample_seed
+from dreampainter.toy.text_fit import (
     TEXT_FIT_SPLIT,
     TEXT_HELD_OUT_SPLIT,
     TextFitResult,
@@ -55,7 +55,7 @@ class VaeFitResult:
 
 
 def demo_scheduler_config() -> dict:
-    """The scheduler recipe measured to learn on toy data in CPU minutes (DESIGN.md): v-prediction,
+    """The scheduler recipe measured to learn on toy data in CPU minutes (docs/architecture.md): v-prediction,
     zero-terminal-SNR betas (the last training step is pure noise) and trailing DDIM timesteps
     (sampling starts from that pure-noise step)."""
     return dict(
@@ -76,7 +76,7 @@ def build_demo_vae(
     seed: int, block_out_channels: tuple[int, ...] = (16, 32, 32), latent_channels: int = 4
 ) -> AutoencoderKL:
     """A light VAE: one ResNet layer per block, no mid-block attention, ``2**(blocks-1)`` down-sampling."""
-    from dreampainter.models.tiny import build_tiny_vae
+    from dreampainter.toy.models import build_tiny_vae
 
     return build_tiny_vae(seed=seed, block_out_channels=block_out_channels, latent_channels=latent_channels)
 
@@ -85,7 +85,7 @@ def build_demo_unet(
     seed: int, sample_size: int, block_out_channels: tuple[int, ...] = (32, 64), cross_attention_dim: int = 32
 ) -> UNet2DConditionModel:
     """A small 9-channel inpainting UNet with cross-attention at every resolution."""
-    from dreampainter.models.tiny import build_tiny_unet
+    from dreampainter.toy.models import build_tiny_unet
 
     return build_tiny_unet(
         seed=seed,
@@ -218,14 +218,14 @@ def build_demo_base_model(
     toy prompts are at most 26 tokens, and 32 instead of SD's 77 lets the tiny UNet find the colour
     words among fewer padding tokens (measured: text fidelity ratio 1.20 vs 1.11 after 1200 steps).
     The text encoder is fitted for ``text_steps`` steps on ``text_prompts`` toy samples' prompts
-    (English and Chinese; see :mod:`dreampainter.training.tiny_text`); 0 keeps it random.
+    (English and Chinese; see :mod:`dreampainter.toy.text_fit`); 0 keeps it random.
     """
-    from dreampainter.models.tiny import (
+    from dreampainter.pipelines import DreamPainterPipeline
+    from dreampainter.toy.models import (
         build_clip_tokenizer,
         build_tiny_reference_encoder,
         build_tiny_text_encoder,
     )
-    from dreampainter.pipelines import DreamPainterPipeline
 
     if not isinstance(resolution, int) or resolution < MIN_RESOLUTION:
         raise InvalidInputError(f"resolution: must be an integer >= {MIN_RESOLUTION}, got {resolution!r}")

@@ -108,20 +108,28 @@ class TinyFeatureNet(nn.Module):
         return self.body(images.float() / 127.5 - 1.0)
 
 
-def write_tiny_backbones(folder: str | os.PathLike, seed: int = 0) -> dict[str, dict]:
-    """Write tiny CLIP, DINO and LPIPS-trunk files to ``folder``; return the ``evaluation.backbones`` config.
+def save_tiny_features(path: str | os.PathLike, seed: int = 0) -> None:
+    """Save :class:`TinyFeatureNet` as TorchScript (``inception: {kind: torchscript, path: ...}``)."""
+    torch.jit.script(TinyFeatureNet(seed=seed)).save(os.fspath(path))
 
-    FID/KID use :class:`TinyFeatureNet` (``inception: {kind: tiny}``), which needs no file. For toy
-    runs and tests only: these scores are not comparable with published numbers.
+
+def write_tiny_backbones(folder: str | os.PathLike, seed: int = 0) -> dict[str, dict]:
+    """Write tiny feature-net, CLIP (+ its open_clip config), DINO and LPIPS-trunk files to ``folder``;
+    return the ``evaluation.backbones`` config that loads them.
+
+    For toy runs and tests only: these scores are not comparable with published numbers.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    save_tiny_features(folder / "tiny_features.pt", seed=seed)
+    clip_config = folder / f"{TINY_CLIP_NAME}.json"
+    clip_config.write_text(json.dumps(TINY_CLIP_CONFIG))
     clip_name = save_tiny_clip(folder / "tiny_clip.bin", seed=seed)
     arch, kwargs = save_tiny_dino(folder / "tiny_dino.safetensors", seed=seed)
     save_random_lpips_trunk(folder / "random_alexnet_features.pth", "alex", seed=seed)
     return {
-        "inception": {"kind": "tiny"},
-        "clip": {"model": clip_name, "path": str(folder / "tiny_clip.bin")},
+        "inception": {"kind": "torchscript", "path": str(folder / "tiny_features.pt")},
+        "clip": {"model": clip_name, "path": str(folder / "tiny_clip.bin"), "model_config": str(clip_config)},
         "dino": {"arch": arch, "path": str(folder / "tiny_dino.safetensors"), "model_kwargs": kwargs},
         "lpips": {"net": "alex", "path": str(folder / "random_alexnet_features.pth")},
     }

@@ -2,7 +2,7 @@
 
 Per sample: all members present (photo, ``mask.png``, ``ref.*``, ``json``); photo and reference
 decode (truncated images count as bad); the mask is an 8-bit single-channel PNG of the photo's size,
-near-binary and neither empty nor full (thresholds in :mod:`dreampainter.data.checks`); the JSON
+near-binary and neither empty nor full (thresholds in :mod:`dreampainter.data.shards.checks`); the JSON
 record has a non-empty ``prompt``; keys are unique across the set. Per shard: the tar is complete
 and its sample count, size and sha256 match the index; shards missing from disk or from the index
 are reported. Shards without an index (e.g. from WebDataset's ``ShardWriter`` or ``tar``) are
@@ -22,9 +22,9 @@ from pathlib import Path
 from PIL import Image, ImageFile
 from tqdm.auto import tqdm
 
-from dreampainter.data.checks import MASK_MODES, mask_problems, mask_size_problem, meta_problems
 from dreampainter.data.decode import load_image, load_mask
-from dreampainter.data.format import (
+from dreampainter.data.shards.checks import MASK_MODES, mask_problems, mask_size_problem, meta_problems
+from dreampainter.data.shards.format import (
     INDEX_FILENAME,
     MASK_EXTENSION,
     META_EXTENSION,
@@ -34,7 +34,7 @@ from dreampainter.data.format import (
     parse_meta,
     sample_member_problems,
 )
-from dreampainter.data.tario import HashingReader, TarFormatError, TruncatedTarError, iter_tar_samples
+from dreampainter.data.shards.tar import HashingReader, TarFormatError, TruncatedTarError, iter_tar_samples
 from dreampainter.errors import DreamPainterError, InvalidInputError, MissingFileError
 
 

@@ -17,12 +17,13 @@ def build_tiny_pipeline(
     seed: int = 0,
     tokenizer=None,
 ) -> DreamPainterPipeline:
-    """Tiny UNet/VAE/text encoder (``dreampainter.models.tiny``); with ``reference`` also a tiny reference
+    """Tiny UNet/VAE/text encoder (``dreampainter.toy.models``); with ``reference`` also a tiny reference
     encoder and the adapter (``projection`` ``"linear"`` or ``"resampler"``). The tokenizer's files
     (the real CLIP BPE) are written to ``tokenizer_folder`` unless a ``tokenizer`` is given to share."""
-    from dreampainter.models import AdapterConfig, build_tiny_reference_encoder, install_reference_adapter
-    from dreampainter.models.tiny import (
+    from dreampainter.models import AdapterConfig, install_reference_adapter
+    from dreampainter.toy.models import (
         build_clip_tokenizer,
+        build_tiny_reference_encoder,
         build_tiny_scheduler,
         build_tiny_text_encoder,
         build_tiny_unet,

@@ -2,7 +2,7 @@
 
 :func:`inspect_sample` checks a tar group without decoding pixels and returns a :class:`PlannedSample`
 or raises :class:`SampleSkipped` with a reason; :func:`process_sample` turns a planned sample into the
-per-sample dict documented in :mod:`dreampainter.data.loader`, writing into preallocated batch tensors.
+per-sample dict documented in :mod:`dreampainter.data.loading.loader`, writing into preallocated batch tensors.
 """
 
 from __future__ import annotations
@@ -17,17 +17,22 @@ from typing import Any
 import torch
 from PIL import Image
 
-from dreampainter.data import masks
-from dreampainter.data.augment import (
+from dreampainter.data.loading import masks
+from dreampainter.data.loading.augment import (
     apply_crop,
     plan_crop,
     prepare_reference,
     reference_decode_size,
     to_signed_unit,
 )
-from dreampainter.data.fastdecode import ImageHeader, decode_mask, decode_rgb, probe
-from dreampainter.data.format import MASK_EXTENSION, META_EXTENSION, PHOTO_EXTENSIONS, REFERENCE_EXTENSIONS
-from dreampainter.data.loader_config import LoaderConfig
+from dreampainter.data.loading.config import LoaderConfig
+from dreampainter.data.loading.fastdecode import ImageHeader, decode_mask, decode_rgb, probe
+from dreampainter.data.shards.format import (
+    MASK_EXTENSION,
+    META_EXTENSION,
+    PHOTO_EXTENSIONS,
+    REFERENCE_EXTENSIONS,
+)
 from dreampainter.errors import DreamPainterError, InvalidInputError
 
 TENSOR_KEYS = ("pixel_values", "mask", "masked_pixel_values", "product_mask", "reference_pixel_values")

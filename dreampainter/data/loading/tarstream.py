@@ -8,8 +8,8 @@ from typing import Any
 
 from webdataset.tariterators import base_plus_ext
 
-from dreampainter.data.shardlist import open_shard
-from dreampainter.data.skips import SkipLog
+from dreampainter.data.loading.skips import SkipLog
+from dreampainter.data.shards.sources import open_shard
 
 
 def iter_tar_groups(url: str, log: SkipLog, expected: int | None = None) -> Iterator[dict[str, Any]]:

@@ -7,8 +7,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dreampainter.data.augment import CLIP_MEAN, CLIP_STD, REFERENCE_MODES
-from dreampainter.data.buckets import make_buckets
+from dreampainter.data.loading.augment import CLIP_MEAN, CLIP_STD, REFERENCE_MODES
+from dreampainter.data.loading.buckets import make_buckets
 from dreampainter.errors import InvalidInputError
 
 LANGUAGES = ("en", "zh", "random")

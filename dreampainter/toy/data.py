@@ -30,11 +30,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from dreampainter.data.format import EncodedSample, ShardIndex
-from dreampainter.data.toy_product import FAMILY_ASPECT, build_product, render_product, silhouette
-from dreampainter.data.toy_scene import Scene, first_row_below, pixel_grid, render_background
-from dreampainter.data.toy_vocab import LIGHT_TINTS, LIGHTS, MATERIAL_GLOSSY, MATERIALS, PALETTE, make_prompts
+from dreampainter.data.shards.format import EncodedSample, ShardIndex
 from dreampainter.errors import InvalidInputError
+from dreampainter.toy.product import FAMILY_ASPECT, build_product, render_product, silhouette
+from dreampainter.toy.scene import Scene, first_row_below, pixel_grid, render_background
+from dreampainter.toy.vocab import LIGHT_TINTS, LIGHTS, MATERIAL_GLOSSY, MATERIALS, PALETTE, make_prompts
 
 GENERATOR_VERSION = 1
 DEFAULT_SPLITS: dict[str, float] = {"train": 0.9, "val": 0.05, "bench": 0.05}
@@ -312,7 +312,7 @@ def write_toy_dataset(
     its entry point with ``if __name__ == "__main__":``). ``image_format`` ("jpg" or "png") applies to
     photo and reference; the mask is always PNG.
     """
-    from dreampainter.data.writer import write_shards
+    from dreampainter.data.shards.writer import write_shards
 
     if not isinstance(num, int) or num < 1:
         raise InvalidInputError(f"num: must be a positive integer, got {num!r}")

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from tqdm.auto import tqdm
 
-from dreampainter.data.format import (
+from dreampainter.data.shards.format import (
     IMAGE_EXTENSIONS,
     INDEX_FILENAME,
     EncodedSample,
@@ -30,7 +30,7 @@ from dreampainter.data.format import (
     ShardInfo,
     check_key,
 )
-from dreampainter.data.manifest import (
+from dreampainter.data.shards.manifest import (
     BadRow,
     EncodeOptions,
     ManifestRow,
@@ -39,7 +39,7 @@ from dreampainter.data.manifest import (
     prepare_row,
     read_rows,
 )
-from dreampainter.data.tario import (
+from dreampainter.data.shards.tar import (
     END_OF_ARCHIVE,
     HashingReader,
     TarFormatError,

@@ -10,7 +10,7 @@ Per sample (:func:`process_sample`) the loader produces
 ``masked_pixel_values``    ``pixel_values * (1 - mask)`` (diffusers' masked image for SD inpainting)
 ``product_mask``           float (1, H, W) in {0, 1}: 1 = product (= ``1 - mask``)
 ``reference_pixel_values`` the reference for the CLIP vision encoder, float (3, S, S), normalised
-                           (see :func:`dreampainter.data.augment.prepare_reference`)
+                           (see :func:`dreampainter.data.loading.augment.prepare_reference`)
 ``prompt``                 str: English, Chinese or either per ``language`` (falls back to English)
 ``drop_text``              bool: the training step should drop the text condition
 ``drop_reference``         bool: ... and/or the reference (both True = drop both)
@@ -52,9 +52,9 @@ from typing import Any
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import _shuffle
 
-from dreampainter.data.buckets import bucket_batches, nearest_bucket
-from dreampainter.data.loader_config import LoaderConfig
-from dreampainter.data.sample import (
+from dreampainter.data.loading.buckets import bucket_batches, nearest_bucket
+from dreampainter.data.loading.config import LoaderConfig
+from dreampainter.data.loading.sample import (
     DECODE_ERRORS,
     PlannedSample,
     SampleSkipped,
@@ -63,15 +63,15 @@ from dreampainter.data.sample import (
     inspect_sample,
     process_sample,
 )
-from dreampainter.data.shardlist import (
+from dreampainter.data.loading.skips import SkipCounter, SkipLog
+from dreampainter.data.loading.tarstream import iter_tar_groups
+from dreampainter.data.shards.sources import (
     ShardSet,
     check_enough_shards,
     resolve_shards,
     shard_order,
     split_shards,
 )
-from dreampainter.data.skips import SkipCounter, SkipLog
-from dreampainter.data.tarstream import iter_tar_groups
 from dreampainter.errors import InvalidInputError
 
 __all__ = [
