@@ -24,7 +24,7 @@ from dreampainter.models import (
     install_reference_adapter,
     without_reference_adapter,
 )
-from dreampainter.toy.models import sd15_inpainting_unet_config
+from dreampainter.models.unet_configs import sd15_inpainting_unet_config
 
 
 def _step(unet, latents, timesteps, text, features=None) -> tuple[float, float]:

@@ -97,7 +97,7 @@ def flop_shares(base: Path) -> dict[str, dict[str, float]]:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from dreampainter.models.reference_encoder import ReferenceEncoder
-    from dreampainter.toy.models import sd15_inpainting_unet_config
+    from dreampainter.models.unet_configs import sd15_inpainting_unet_config
 
     def gflops(fn) -> float:
         with FlopCounterMode(display=False) as counter:

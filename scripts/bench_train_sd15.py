@@ -26,7 +26,6 @@ components on the GPU, as the trainer does, so "resident" (allocated when the ru
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -73,7 +72,7 @@ class Shapes:
 
 
 def sd15_shapes() -> Shapes:
-    from dreampainter.toy.models import sd15_inpainting_unet_config
+    from dreampainter.models.unet_configs import sd15_inpainting_unet_config
 
     return Shapes(
         unet=sd15_inpainting_unet_config(),
@@ -89,7 +88,7 @@ def sd15_shapes() -> Shapes:
 
 def small_shapes() -> Shapes:
     """The same layouts (4 UNet / VAE levels, same block types, resampler depth 4), small widths."""
-    from dreampainter.toy.models import sd15_inpainting_unet_config
+    from dreampainter.models.unet_configs import sd15_inpainting_unet_config
 
     return Shapes(
         unet={**sd15_inpainting_unet_config(), "block_out_channels": (32, 64, 64, 64), "cross_attention_dim": 32,
@@ -373,10 +372,9 @@ def environment(device) -> dict:
 
 
 def write_json(results: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    os.replace(tmp, path)
+    from dreampainter.utils import atomic_write_json
+
+    atomic_write_json(path, results, indent=1)
 
 
 # ----------------------------------------------------------------------------- driver

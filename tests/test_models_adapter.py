@@ -20,7 +20,8 @@ from dreampainter.models import (
     set_reference_scale,
     without_reference_adapter,
 )
-from dreampainter.toy.models import build_tiny_unet, sd15_inpainting_unet_config
+from dreampainter.models.unet_configs import sd15_inpainting_unet_config
+from dreampainter.toy.models import build_tiny_unet
 
 CONFIGS = {
     "linear": AdapterConfig("linear", image_embed_dim=24, num_tokens=4),

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from dreampainter.errors import InvalidInputError
 from dreampainter.evaluation.backbones import ImageFeatureExtractor
 from dreampainter.evaluation.base import Metric, Row
 from dreampainter.evaluation.batch import EvalBatch
+from dreampainter.utils import atomic_path, module_fingerprint
 
 
 def gaussian_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -91,15 +91,6 @@ def kernel_inception_distance(
     return float(np.mean(values)), float(np.std(values)), size
 
 
-def module_fingerprint(module: torch.nn.Module) -> str:
-    """A short hash of a module's class and tensors: the cache key of features it produced."""
-    digest = hashlib.sha256(type(module).__qualname__.encode())
-    for key, tensor in sorted(module.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def image_digest(image: np.ndarray) -> str:
     """A short hash of an image's pixels: cached features are reused only for the same photo."""
     digest = hashlib.sha1(str(image.shape).encode())
@@ -128,14 +119,13 @@ class FeatureCache:
         """Write atomically (temp file + rename) so a killed run never leaves a half-written cache."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         keys = sorted(entries)
-        temporary = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp.npz")  # one per process
-        np.savez(
-            temporary,
-            keys=np.array(keys, dtype=str),
-            digests=np.array([entries[k][0] for k in keys], dtype=str),
-            features=np.stack([entries[k][1] for k in keys]),
-        )
-        os.replace(temporary, self.path)
+        with atomic_path(self.path, suffix=".npz") as temporary:  # one temporary per process
+            np.savez(
+                temporary,
+                keys=np.array(keys, dtype=str),
+                digests=np.array([entries[k][0] for k in keys], dtype=str),
+                features=np.stack([entries[k][1] for k in keys]),
+            )
 
 
 class ImageQualityMetric(Metric):
@@ -164,7 +154,7 @@ class ImageQualityMetric(Metric):
     ) -> None:
         self.extractor = extractor
         self.cache = (
-            FeatureCache(cache_dir, split, f"{extractor.name}-{module_fingerprint(extractor)}")
+            FeatureCache(cache_dir, split, f"{extractor.name}-{module_fingerprint(extractor, length=16)}")
             if cache_dir
             else None
         )

@@ -13,6 +13,7 @@ from typing import Any
 
 from dreampainter.evaluation.bench_data import BadSample
 from dreampainter.evaluation.registry import EvaluationConfig, MetricSuite, json_ready
+from dreampainter.utils import atomic_path, atomic_write_text
 
 REPORT_FORMAT = "dreampainter-evaluation"
 REPORT_VERSION = 1
@@ -21,12 +22,6 @@ PER_SAMPLE_FILE = "per_sample.csv"
 # Values read relative to the controls: how much closer to the true reference the main run is.
 REFERENCE_FIDELITY = ("clip_i", "dino", "bg_delta_e", "bg_hist_chi2", "bg_emd")
 INFO_COLUMNS = ("run", "key", "seed", "reference_of", "category", "prompt")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
 
 
 def relative_to_controls(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -68,12 +63,10 @@ def write_per_sample_csv(
                     for column in columns
                 ]
             )
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "w", newline="", encoding="utf-8") as file:
+    with atomic_path(path) as temporary, open(temporary, "w", newline="", encoding="utf-8") as file:
         writer = csv.writer(file)
         writer.writerow([*INFO_COLUMNS, *columns])
         writer.writerows(lines)
-    os.replace(temporary, path)
     return columns
 
 
@@ -149,7 +142,7 @@ def write_report(
         },
     }
     report = json_ready(report)
-    _atomic_write_text(out / METRICS_FILE, json.dumps(report, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(out / METRICS_FILE, json.dumps(report, indent=2, allow_nan=False) + "\n")
     return report
 
 

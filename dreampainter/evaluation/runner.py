@@ -87,9 +87,9 @@ class ProcessGroup:
         from accelerate import PartialState
 
         if state is None:
-            api = getattr(torch, "accelerator", None)
-            available = api.is_available() if api is not None else torch.cuda.is_available()
-            state = PartialState(cpu=not available)  # without a GPU, launched processes use gloo on the CPU
+            from dreampainter.utils import use_cpu
+
+            state = PartialState(cpu=use_cpu())  # without a GPU, launched processes use gloo on the CPU
         return cls(state.process_index, state.num_processes, state.device, state)
 
     @property

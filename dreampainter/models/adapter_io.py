@@ -31,6 +31,7 @@ from dreampainter.models.adapter import (
     reference_processors,
 )
 from dreampainter.models.state_dicts import check_state_dict
+from dreampainter.utils import atomic_path, atomic_write_json
 
 ADAPTER_WEIGHTS_NAME = "adapter.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -78,13 +79,10 @@ def save_adapter(unet: UNet2DConditionModel, folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(unet).items()}
-    tmp = folder / f".{ADAPTER_WEIGHTS_NAME}.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, folder / ADAPTER_WEIGHTS_NAME)
+    with atomic_path(folder / ADAPTER_WEIGHTS_NAME) as temporary:
+        save_file(tensors, str(temporary), metadata={"format": "pt"})
     meta = {"format": ADAPTER_FORMAT, "version": 1, "adapter": config.to_dict(), "unet": unet_fingerprint(unet)}
-    tmp = folder / f".{ADAPTER_CONFIG_NAME}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, folder / ADAPTER_CONFIG_NAME)
+    atomic_write_json(folder / ADAPTER_CONFIG_NAME, meta)
     return folder
 
 
@@ -157,18 +155,17 @@ def export_ip_adapter(unet: UNet2DConditionModel, path: str | os.PathLike, check
     path = Path(path)
     tensors = ip_adapter_state_dict(unet, check_diffusers=check_diffusers)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if path.suffix == ".safetensors":
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-    elif path.suffix == ".bin":
-        nested = {"image_proj": {}, "ip_adapter": {}}
-        for key, value in tensors.items():
-            group, name = key.split(".", 1)
-            nested[group][name] = value
-        torch.save(nested, tmp)
-    else:
+    if path.suffix not in (".safetensors", ".bin"):
         raise InvalidInputError(f"{path}: IP-Adapter export must end in .safetensors or .bin")
-    os.replace(tmp, path)
+    with atomic_path(path) as temporary:
+        if path.suffix == ".safetensors":
+            save_file(tensors, str(temporary), metadata={"format": "pt"})
+        else:
+            nested = {"image_proj": {}, "ip_adapter": {}}
+            for key, value in tensors.items():
+                group, name = key.split(".", 1)
+                nested[group][name] = value
+            torch.save(nested, temporary)
     return path
 
 

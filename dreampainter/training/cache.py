@@ -60,6 +60,13 @@ from dreampainter.training.step import (
     latent_mask,
     select_text,
 )
+from dreampainter.utils import (
+    atomic_path,
+    atomic_write_json,
+    mixed_precision_dtype,
+    module_fingerprint,
+    use_cpu,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,21 +85,6 @@ GEOMETRY_FIELDS = (
 
 
 # --------------------------------------------------------------------------- fingerprints
-
-
-def module_fingerprint(module: torch.nn.Module) -> str:
-    """sha256 of a module's config and of every parameter and buffer (as float32 bytes)."""
-    digest = hashlib.sha256()
-    config = getattr(module, "config", None)
-    if config is not None:
-        as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-        as_dict = {k: v for k, v in as_dict.items() if not k.startswith("_") and k != "transformers_version"}
-        digest.update(json.dumps(as_dict, sort_keys=True, default=str).encode())
-    for name, tensor in module.state_dict().items():
-        array = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
-        digest.update(f"{name}:{tuple(array.shape)}".encode())
-        digest.update(array.data)
-    return digest.hexdigest()
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -168,24 +160,9 @@ class _ChunkWriter:
         rows = self.pending.pop(shape)
         name = f"chunk-{self.rank:05d}-{len(self.chunks):06d}.safetensors"
         tensors = {field: torch.stack([row[field] for _, row in rows]).contiguous() for field in rows[0][1]}
-        _atomic_save(tensors, self.folder / name)
+        with atomic_path(self.folder / name) as temporary:
+            save_file(tensors, str(temporary))
         self.chunks.append({"file": name, "latent_shape": list(shape), "keys": [key for key, _ in rows]})
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
-
-
-def _atomic_json(data: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
-def _weight_dtype(mixed_precision: str) -> torch.dtype:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
 def cache_latents(
@@ -199,7 +176,6 @@ def cache_latents(
     Every process of an ``accelerate launch`` caches its rank's shards.
     """
     from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
 
     from dreampainter.training.components import load_components
 
@@ -211,7 +187,7 @@ def cache_latents(
         raise InvalidInputError("config data.train is not set: the latent cache encodes the training shards")
     folder = Path(out_dir)
     # As Accelerator does under `accelerate launch --cpu`; without a GPU, torchrun-style ranks use gloo.
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
+    state = PartialState(cpu=use_cpu())
     if state.is_main_process:
         if (folder / INDEX_NAME).exists():
             raise InvalidInputError(f"{folder} already holds a latent cache ({INDEX_NAME}); choose another --out or delete it")
@@ -221,7 +197,7 @@ def cache_latents(
     state.wait_for_everyone()
 
     parts = load_components(config)
-    device, weight_dtype = state.device, _weight_dtype(config.train.mixed_precision)
+    device, weight_dtype = state.device, mixed_precision_dtype(config.train.mixed_precision)
     stage = config.run.stage
     adapter_config = parts.unet.reference_adapter_config if stage == 2 else None
     parts.unet = None  # not needed here: free its memory
@@ -244,11 +220,12 @@ def cache_latents(
             count += len(batch["key"])
             bar.update(len(batch["key"]))
     part = {"rank": state.process_index, "num_samples": count, "skipped": loader.skips.as_dict(), "chunks": writer.close()}
-    _atomic_json(part, folder / f"part-{state.process_index:05d}.json")
+    atomic_write_json(folder / f"part-{state.process_index:05d}.json", part, indent=1)
 
     if state.is_main_process:
         empty = encode_prompts(parts.tokenizer, parts.text_encoder, [""]).float()
-        _atomic_save({"text_embeds": empty.cpu().to(DTYPES[dtype]).contiguous()}, folder / EMPTY_PROMPT_NAME)
+        with atomic_path(folder / EMPTY_PROMPT_NAME) as temporary:
+            save_file({"text_embeds": empty.cpu().to(DTYPES[dtype]).contiguous()}, str(temporary))
         fingerprint = components_fingerprint(parts, with_reference=adapter_config is not None)
     state.wait_for_everyone()
     index_path = folder / INDEX_NAME
@@ -271,7 +248,7 @@ def cache_latents(
         }
         if index["num_samples"] == 0:
             raise InvalidInputError(f"{config.data.train}: no sample could be cached (skipped: {index['skipped']})")
-        _atomic_json(index, index_path)
+        atomic_write_json(index_path, index, indent=1)
     state.wait_for_everyone()
     return index_path
 

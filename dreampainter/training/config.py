@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from dreampainter.errors import InvalidInputError, MissingFileError
+from dreampainter.utils import atomic_write_text
 
 
 @dataclass
@@ -229,8 +230,4 @@ def unet_training_mode(config: DictConfig) -> str:
 
 def save_config(config: DictConfig, path: str | os.PathLike) -> None:
     """Write the resolved config (YAML) atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(OmegaConf.to_yaml(config, resolve=True))
-    os.replace(tmp, path)
+    atomic_write_text(path, OmegaConf.to_yaml(config, resolve=True))

@@ -9,7 +9,6 @@ set up -> (resume) -> for each batch: loss, backward, step, EMA, log, checkpoint
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -43,6 +42,7 @@ from dreampainter.training.step import (
     latent_mask,
     select_text,
 )
+from dreampainter.utils import atomic_write_json, mixed_precision_dtype, use_cpu
 
 logger = logging.getLogger(__name__)
 
@@ -89,14 +89,6 @@ def _rank_checksums(accelerator: Accelerator, params: list[torch.nn.Parameter]) 
     return [float(value) for value in accelerator.gather(checksum).cpu()]
 
 
-def _use_cpu() -> bool:
-    """Without any accelerator, processes started by ``accelerate launch`` / torchrun train on the CPU with gloo."""
-    accelerator_api = getattr(torch, "accelerator", None)
-    if accelerator_api is not None and hasattr(accelerator_api, "is_available"):
-        return not accelerator_api.is_available()
-    return not torch.cuda.is_available()
-
-
 def _launched_with(kind: str) -> bool:
     """Whether ``accelerate launch`` was given a ``DEEPSPEED`` / ``FSDP`` config (it tells the processes by env)."""
     return os.environ.get(f"ACCELERATE_USE_{kind}", "false").lower() == "true"
@@ -119,7 +111,7 @@ def _device_kwargs() -> dict:
     """
     if _launched_with("FSDP"):
         raise InvalidInputError(f"the accelerate config asks for FSDP: {SHARDED_PARAMS_UNSUPPORTED}")
-    if not _use_cpu():
+    if not use_cpu():
         return {}
     if _launched_with("DEEPSPEED"):
         return {"cpu": False, "kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
@@ -141,10 +133,6 @@ def _configure_deepspeed(accelerator: Accelerator, config: DictConfig) -> None:
         gradient_accumulation_steps=config.train.gradient_accumulation_steps,
         gradient_clipping=max(0.0, float(config.optim.max_grad_norm)),
     )
-
-
-def _weight_dtype(mixed_precision: str) -> torch.dtype:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
 def _trackers(config: DictConfig) -> str | None:
@@ -281,7 +269,7 @@ def train(config: DictConfig) -> TrainResult:
 
     parts = load_components(config)
     stage, device = config.run.stage, accelerator.device
-    weight_dtype = _weight_dtype(config.train.mixed_precision)
+    weight_dtype = mixed_precision_dtype(config.train.mixed_precision)
     # DeepSpeed runs fp16/bf16 by casting the whole UNet (fp32 master weights live in its optimizer) and
     # accelerate's autocast is off, so the UNet's inputs must be cast; elsewhere autocast does it.
     input_dtype = weight_dtype if accelerator.distributed_type == DistributedType.DEEPSPEED else None
@@ -437,7 +425,7 @@ def _write_summary(result: TrainResult, num_processes: int) -> None:
         "skipped_samples": result.skipped_samples,
         "rank_checksums": result.rank_checksums,
     }
-    (result.output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(result.output_dir / "train_summary.json", summary)
 
 
 class _Validator:

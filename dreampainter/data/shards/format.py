@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from dreampainter.errors import InvalidInputError, MissingFileError
+from dreampainter.utils import atomic_write_json
 
 INDEX_FILENAME = "index.json"
 INDEX_FORMAT = "dreamecom-shards"
@@ -176,10 +177,7 @@ class ShardIndex:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically: a temporary file renamed over ``path``."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_json(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ShardIndex:
