@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from dreampainter.errors import DreamPainterError
+from dreampainter.utils.logging import silence_known_noise
 
 # Modules under dreampainter.commands, in the order their commands are listed in --help.
 COMMAND_MODULES = ["demo", "data", "train", "cache", "generate", "evaluate"]
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    silence_known_noise()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

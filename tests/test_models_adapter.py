@@ -124,6 +124,21 @@ def test_per_block_scale_dict_form(unet):
     assert {p.scale for p in reference_processors(unet).values()} == {0.7}
 
 
+@pytest.mark.parametrize(
+    ("scales", "message"),
+    [
+        ({"down": {"block_7": 1.0}}, "down has no transformer block"),
+        ({"up": {"block_0": [1.0, 0.0, 1.0, 0.0]}}, "up.block_0 has 2 transformer layers, got 4 values"),
+        ({"middle": 1.0}, "unknown key"),
+        ({"mid": [1.0, 2.0]}, "mid takes one value"),
+    ],
+)
+def test_per_block_scale_errors_name_the_block(unet, scales, message):
+    install_reference_adapter(unet, CONFIGS["linear"])
+    with pytest.raises(InvalidInputError, match=message):
+        set_reference_scale(unet, scales)
+
+
 def test_call_level_reference_scale_multiplies(unet):
     install_reference_adapter(unet, CONFIGS["linear"])
     x, t, text = _inputs()
@@ -200,4 +215,17 @@ def test_gradients_reach_only_adapter_in_stage2_setup(unet):
     trained = {n for n, p in unet.named_parameters() if p.grad is not None}
     assert trained and all(("encoder_hid_proj" in n or "_ref." in n) for n in trained)
     assert any(n.startswith("encoder_hid_proj.") for n in trained)
-    assert copy.deepcopy(unet) is not None  # the adapted UNet stays deep-copyable (EMA needs it)
+
+
+def test_deepcopy_of_the_adapted_unet_is_an_independent_equal_model(unet):
+    """EMA and validation copy the adapted UNet: the copy must compute the same and own its weights."""
+    install_reference_adapter(unet, CONFIGS["linear"])
+    clone = copy.deepcopy(unet)
+    features = _features("linear")
+    assert torch.equal(_run(clone, features), _run(unet, features))
+    assert len(reference_processors(clone)) == len(reference_processors(unet))
+    with torch.no_grad():
+        for param in adapter_parameters(clone):
+            param.add_(1.0)
+    assert not torch.equal(_run(clone, features), _run(unet, features))
+    assert all(not torch.equal(a, b) for a, b in zip(adapter_parameters(clone), adapter_parameters(unet)))

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from dreampainter.evaluation.registry import MetricSuite
+from dreampainter.evaluation.runs import MAIN_RUN, image_path
 
 CONTACT_SHEET_FILE = "contact_sheet.png"
 # The default metric, in order of preference: reference fidelity first, then the rest.
@@ -97,7 +98,6 @@ def write_contact_sheet(
 ) -> dict[str, Any]:
     """Write ``contact_sheet.png``; returns what it shows (or ``{"skipped": reason}``)."""
     from dreampainter.evaluation.bench_data import read_samples
-    from dreampainter.evaluation.runner import MAIN_RUN, image_path
 
     if not images_saved:
         return {"skipped": "result images were not saved (save_images: false)"}

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from dreampainter.evaluation.bench_data import BadSample
+from dreampainter.evaluation.contact_sheet import write_contact_sheet
 from dreampainter.evaluation.registry import EvaluationConfig, MetricSuite, json_ready
+from dreampainter.evaluation.runs import RUN_DESCRIPTIONS
 from dreampainter.utils import atomic_path, atomic_write_text
 
 REPORT_FORMAT = "dreampainter-evaluation"
@@ -88,8 +90,6 @@ def write_report(
     pipeline: str | None = None,
 ) -> dict[str, Any]:
     """Compute every run's aggregates and write ``metrics.json``, ``per_sample.csv`` and the contact sheet."""
-    from dreampainter.evaluation.contact_sheet import write_contact_sheet
-    from dreampainter.evaluation.runner import RUN_DESCRIPTIONS
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -55,13 +55,8 @@ from dreampainter.evaluation.bench_settings import (
     load_pipeline,
 )
 from dreampainter.evaluation.registry import EvaluationConfig, MetricSuite, build_suite
-
-MAIN_RUN = "main"
-RUN_DESCRIPTIONS = {
-    MAIN_RUN: "the sample's own reference",
-    "no_reference": "no reference (text only), same seeds",
-    "shuffled_reference": "another sample's reference (fixed derangement), same seeds",
-}
+from dreampainter.evaluation.report import write_report
+from dreampainter.evaluation.runs import MAIN_RUN, image_path
 
 
 def sample_seed(seed: int, key: str) -> int:
@@ -168,11 +163,6 @@ def plan_batches(good: list[tuple[int, str, tuple[int, int]]], batch_size: int) 
     for index, _, size in good:
         groups.setdefault(tuple(size), []).append(index)
     return [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
-
-
-def image_path(out: Path, run: str, key: str) -> Path:
-    """Where a run's composited result for ``key`` is saved (keys may contain ``/``)."""
-    return out / "images" / run / f"{key}.png"
 
 
 class _Scorer:
@@ -347,7 +337,6 @@ def run_benchmark(
     ``backbones`` / ``segmenter`` are passed to :func:`build_suite`, or give ready ``suites``
     (``{run: suite}``, e.g. built before the pipeline is loaded so missing weights show early).
     """
-    from dreampainter.evaluation.report import write_report
 
     group = group or ProcessGroup(device=getattr(pipe, "device", torch.device("cpu")))
     config = config or EvaluationConfig()

@@ -25,12 +25,12 @@ from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel
-from diffusers.loaders.unet_loader_utils import _maybe_expand_lora_scales
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
 from dreampainter.errors import InvalidInputError
 from dreampainter.models.attention import DecoupledCrossAttnProcessor
+from dreampainter.models.block_scales import expand_block_scales
 from dreampainter.models.projection import LinearProjection, ReferenceProjection, Resampler
 
 PROJECTIONS = ("linear", "resampler")
@@ -205,7 +205,7 @@ def set_reference_scale(unet: UNet2DConditionModel, scale: float | dict) -> None
         for processor in processors.values():
             processor.scale = float(scale)
         return
-    (expanded,) = _maybe_expand_lora_scales(unet, [scale], default_scale=0.0)
+    expanded = expand_block_scales(unet, scale, default=0.0)
     for name, processor in processors.items():
         processor.scale = 0.0
         for prefix, value in expanded.items():

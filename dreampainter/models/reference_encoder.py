@@ -24,6 +24,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from PIL import Image
+from torch import nn
 
 from dreampainter.errors import CheckpointMismatchError, InvalidInputError, require_file
 from dreampainter.models.state_dicts import check_state_dict
@@ -101,6 +102,23 @@ def prepare_reference(
     return (image.clamp(0, 1) - mean_t) / std_t
 
 
+def build_open_clip_vision_tower(embed_dim: int, vision_cfg: dict, quick_gelu: bool = False) -> nn.Module:
+    """open_clip's vision tower (``CLIP.visual``) for ``vision_cfg``, built through the public ``open_clip.CLIP``.
+
+    The text tower that ``CLIP`` also builds is a minimal one, discarded at once. Construction runs under a
+    forked RNG: the vision tower's random weights are those ``open_clip`` would draw from the current
+    state, and the global RNG is left untouched.
+    """
+    import open_clip
+
+    minimal_text = open_clip.CLIPTextCfg(context_length=2, vocab_size=2, width=8, heads=1, layers=1)
+    with torch.random.fork_rng(devices=[]):
+        clip = open_clip.CLIP(embed_dim, vision_cfg, minimal_text, quick_gelu=quick_gelu)
+    visual = clip.visual
+    del clip
+    return visual
+
+
 class ReferenceEncoder(ModelMixin, ConfigMixin):
     """Frozen CLIP vision tower (open_clip or transformers) returning global and penultimate features."""
 
@@ -128,9 +146,7 @@ class ReferenceEncoder(ModelMixin, ConfigMixin):
 
             self.model = CLIPVisionModelWithProjection(CLIPVisionConfig(**model_config))
         else:
-            from open_clip.model import _build_vision_tower
-
-            self.model = _build_vision_tower(
+            self.model = build_open_clip_vision_tower(
                 model_config["embed_dim"], model_config["vision_cfg"], quick_gelu=model_config.get("quick_gelu", False)
             )
         self.requires_grad_(False)
