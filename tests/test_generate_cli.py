@@ -100,7 +100,7 @@ def test_single_job_writes_results_and_grid(files, tmp_path):
     assert (np.asarray(results[0])[product] == original[product]).all()
     grid = Image.open(tmp_path / "out" / "photo_grid.png")
     # input, mask, reference (50x40 -> 24 px wide at height 30), two results, side by side with 4 px gaps
-    assert grid.size == (44 + 44 + 24 + 44 + 44 + 4 * 4, 30 + 14)
+    assert grid.size == (4 + 5 * (44 + 4), 4 + 14 + 44 + 4)  # five 44 px labelled square tiles
 
 
 def test_rgba_cutout_without_mask_or_reference_to_an_image_path(files, tmp_path):

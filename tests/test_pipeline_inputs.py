@@ -17,7 +17,6 @@ from dreampainter.pipelines.image_processing import (
     composite,
     feathered_alpha,
     inpainting_mask,
-    make_grid,
     place_cutout,
     prepare_product_input,
     processing_size,
@@ -235,20 +234,6 @@ def test_place_cutout_scales_positions_and_returns_matching_mask():
         place_cutout(Image.fromarray(cutout[..., :3]), (120, 90))
     with pytest.raises(InvalidInputError, match="fully transparent"):
         place_cutout(Image.fromarray(np.zeros_like(cutout)), (120, 90))
-
-
-def test_make_grid_puts_tiles_side_by_side_at_one_height():
-    tiles = [Image.new("RGB", (40, 20), "red"), None, Image.new("L", (10, 10), 128)]
-    grid = make_grid(tiles, height=32, gap=4, labels=["a", "b", "c"])
-    assert grid.size == (64 + 32 + 32 + 8, 32 + 14)
-    assert grid.getpixel((10, 30)) == (255, 0, 0)
-
-
-def test_grid_roundtrips_through_png():
-    grid = make_grid([Image.new("RGB", (8, 8), "blue")], height=8)
-    buffer = io.BytesIO()
-    grid.save(buffer, format="PNG")
-    assert Image.open(buffer).size == (8, 8)
 
 
 # ----------------------------------------------------------------------------- guidance plans

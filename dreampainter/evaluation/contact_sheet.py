@@ -12,16 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from dreampainter.evaluation.registry import MetricSuite
 from dreampainter.evaluation.runs import MAIN_RUN, image_path
+from dreampainter.utils.grid import image_grid
 
 CONTACT_SHEET_FILE = "contact_sheet.png"
 # The default metric, in order of preference: reference fidelity first, then the rest.
 CONTACT_METRICS = ("clip_i", "dino", "bg_delta_e", "clip_t", "lpips", "psnr", "ssim", "expansion", "bg_emd")
 TILE = 128
-CAPTION = 14
 
 
 def choose_metric(suite: MetricSuite, wanted: str | None) -> tuple[str | None, str | None]:
@@ -55,35 +55,6 @@ def pick_cases(values: dict[str, float], higher_is_better: bool, count: int) -> 
     return best, worst
 
 
-def _tile(image: Image.Image | None, caption: str) -> Image.Image:
-    tile = Image.new("RGB", (TILE, TILE + CAPTION), "white")
-    if image is None:
-        ImageDraw.Draw(tile).rectangle((0, CAPTION, TILE - 1, TILE + CAPTION - 1), fill=(200, 200, 200))
-    else:
-        image = image.convert("RGB")
-        scale = TILE / max(image.size)
-        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        resample = Image.Resampling.NEAREST if scale >= 2 else Image.Resampling.BICUBIC
-        image = image.resize(size, resample)
-        tile.paste(image, ((TILE - size[0]) // 2, CAPTION + (TILE - size[1]) // 2))
-    ImageDraw.Draw(tile).text((2, 1), caption[:22], fill=(0, 0, 0))
-    return tile
-
-
-def render_sheet(rows: list[tuple[str, list[tuple[str, Image.Image | None]]]], gap: int = 4) -> Image.Image:
-    """Stack captioned rows of captioned tiles into one image."""
-    width = max(len(tiles) for _, tiles in rows) * (TILE + gap) + gap
-    row_height = CAPTION + TILE + CAPTION + gap
-    sheet = Image.new("RGB", (width, len(rows) * row_height + gap), "white")
-    draw = ImageDraw.Draw(sheet)
-    for index, (caption, tiles) in enumerate(rows):
-        top = gap + index * row_height
-        draw.text((gap, top), caption, fill=(0, 0, 0))
-        for column, (label, image) in enumerate(tiles):
-            sheet.paste(_tile(image, label), (gap + column * (TILE + gap), top + CAPTION))
-    return sheet
-
-
 def write_contact_sheet(
     out: str | os.PathLike,
     *,
@@ -110,7 +81,7 @@ def write_contact_sheet(
     best, worst = pick_cases(values, higher, count)
     inputs = read_samples(data, [index_of[key] for key in (*best, *worst)], limit)
     out = Path(out)
-    rows = []
+    rows, captions = [], []
     for label, keys in (("best", best), ("worst", worst)):
         for rank, key in enumerate(keys, start=1):
             sample = inputs[index_of[key]]
@@ -122,8 +93,9 @@ def write_contact_sheet(
             for run in runs:
                 path = image_path(out, run, key)
                 tiles.append((run, Image.open(path) if path.exists() else None))
-            rows.append((f"{label} {rank}: {key}  {chosen} = {values[key]:.4g}", tiles))
-    render_sheet(rows).save(out / CONTACT_SHEET_FILE)
+            rows.append(tiles)
+            captions.append(f"{label} {rank}: {key}  {chosen} = {values[key]:.4g}")
+    image_grid(rows, tile=TILE, captions=captions).save(out / CONTACT_SHEET_FILE)
     return {
         "file": CONTACT_SHEET_FILE,
         "metric": chosen,
@@ -133,4 +105,4 @@ def write_contact_sheet(
     }
 
 
-__all__ = ["CONTACT_SHEET_FILE", "choose_metric", "pick_cases", "render_sheet", "write_contact_sheet"]
+__all__ = ["CONTACT_SHEET_FILE", "choose_metric", "pick_cases", "write_contact_sheet"]

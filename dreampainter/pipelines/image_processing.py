@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageFilter
 
 from dreampainter.data.decode import DEFAULT_MAX_PIXELS, load_image, load_mask
 from dreampainter.errors import InvalidInputError
@@ -244,30 +244,3 @@ def place_cutout(
     return photo, mask
 
 
-def make_grid(
-    images: list[Image.Image | None], height: int = 256, gap: int = 4, labels: list[str] | None = None
-) -> Image.Image:
-    """Images side by side at a common height (``None`` = a grey "none" tile), optionally labelled."""
-    tiles = []
-    for image in images:
-        if image is None:
-            tile = Image.new("RGB", (height, height), (200, 200, 200))
-            ImageDraw.Draw(tile).text((height // 2 - 12, height // 2 - 6), "none", fill=(90, 90, 90))
-        else:
-            image = image.convert("RGB")
-            tile = image.resize(
-                (max(1, round(image.width * height / image.height)), height), Image.Resampling.BICUBIC
-            )
-        tiles.append(tile)
-    label_height = 14 if labels else 0
-    grid = Image.new(
-        "RGB", (sum(t.width for t in tiles) + gap * (len(tiles) - 1), height + label_height), "white"
-    )
-    draw = ImageDraw.Draw(grid)
-    x = 0
-    for index, tile in enumerate(tiles):
-        grid.paste(tile, (x, label_height))
-        if labels and index < len(labels):
-            draw.text((x + 2, 1), labels[index], fill=(0, 0, 0))
-        x += tile.width + gap
-    return grid

@@ -19,10 +19,10 @@ from dreampainter.errors import InvalidInputError, MissingFileError
 from dreampainter.pipelines.guidance import check_guidance_scale
 from dreampainter.pipelines.image_processing import (
     ProductInput,
-    make_grid,
     prepare_product_input,
     to_pil_image,
 )
+from dreampainter.utils.grid import image_grid
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -167,9 +167,9 @@ def run_job(
     for image, path in zip(output.images, results):
         image.save(path)
     mask_image = Image.fromarray(product.product_mask)
-    tiles = [product.image, mask_image, reference, *output.images]
-    labels = ["input", "product mask", "reference", *[f"result {k}" for k in range(job.num)]]
-    make_grid(tiles, height=min(256, product.image.height), labels=labels).save(grid_path)
+    tiles = [("input", product.image), ("product mask", mask_image), ("reference", reference)]
+    tiles += [(f"result {k}", image) for k, image in enumerate(output.images)]
+    image_grid([tiles], tile=min(256, max(product.image.size))).save(grid_path)
     return [*results, grid_path]
 
 

@@ -28,6 +28,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from dreampainter.errors import MissingFileError
+from dreampainter.utils.grid import image_grid
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # package data: works from a wheel too
 
@@ -252,10 +253,9 @@ def evaluate_demo(pipeline_dir: Path, bench: Path, out: Path, settings: DemoSett
     reference_ratio, reference_wins = compare("true_reference", "shuffled_reference")
     with_prompt_ratio, with_prompt_wins = compare("true_reference_with_prompt", "shuffled_reference_with_prompt")
     text_ratio, text_wins = compare("true_prompt", "shuffled_prompt")
-    from dreampainter.training.validation import make_grid
 
     grid_path = out / "results_grid.png"
-    make_grid(grid_rows, cell=96).save(grid_path)
+    image_grid(grid_rows, tile=96).save(grid_path)
     return DemoReport(
         seconds={},
         reference_ratio=reference_ratio,

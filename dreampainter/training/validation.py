@@ -17,6 +17,7 @@ from dreampainter.data.decode import load_image, load_mask
 from dreampainter.data.shards.format import find_photo_suffix, find_reference_suffix, parse_meta
 from dreampainter.data.shards.sources import open_shard, resolve_shards
 from dreampainter.data.shards.tar import iter_tar_samples
+from dreampainter.utils.grid import image_grid
 
 
 @dataclass
@@ -47,20 +48,6 @@ def read_validation_samples(source: str, num: int) -> list[ValidationSample]:
     return samples
 
 
-def _tile(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    return image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
-
-
-def make_grid(rows: list[list[Image.Image]], cell: int = 128) -> Image.Image:
-    """Rows of images, each cell resized to ``cell`` x ``cell``."""
-    columns = max(len(row) for row in rows)
-    grid = Image.new("RGB", (columns * cell, len(rows) * cell), "white")
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            grid.paste(_tile(image, (cell, cell)), (c * cell, r * cell))
-    return grid
-
-
 @torch.no_grad()
 def validation_grid(pipeline, samples: list[ValidationSample], config, prompts: list[str] | None = None) -> Image.Image:
     """Generate one result per sample with the run's fixed seed and return the grid."""
@@ -81,7 +68,7 @@ def validation_grid(pipeline, samples: list[ValidationSample], config, prompts: 
         ).images[0]
         mask = Image.fromarray(255 - sample.product_mask)  # the inpainting mask: white = repaint
         rows.append([sample.photo, mask, sample.reference, result])
-    return make_grid(rows)
+    return image_grid(rows)
 
 
 def save_grid(grid: Image.Image, folder: str | Path, step: int) -> Path:
