@@ -254,11 +254,12 @@ def test_configs_parse_and_the_toy_config_matches_the_tiny_backbones(tmp_path):
     written = write_tiny_backbones(tmp_path)
     for name, entry in written.items():
         configured = evaluation.backbones[name]
-        assert {k: configured[k] for k in entry if k != "path"} == {
-            k: v for k, v in entry.items() if k != "path"
+        files = {"path", "model_config"}  # the config names the files written, relative to outputs/
+        assert {k: configured[k] for k in entry if k not in files} == {
+            k: v for k, v in entry.items() if k not in files
         }
-        if "path" in entry:
-            assert Path(configured["path"]).name == Path(entry["path"]).name
+        for key in files & set(entry):
+            assert Path(configured[key]).name == Path(entry[key]).name
     assert settings.controls == ["no_reference", "shuffled_reference"]
     evaluation, settings = load_evaluation_file(REPO / "configs" / "eval_sd15.yaml")
     assert evaluation.backbones["clip"]["model"] == "ViT-L-14-quickgelu" and settings.steps == 30
