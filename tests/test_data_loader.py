@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import tarfile
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from dreampainter.data.loading.loader import (
     LoaderConfig,
     build_dataloader,
     iter_shard_groups,
+    shuffle_buffer,
 )
 from dreampainter.data.loading.skips import SkipLog
 from dreampainter.data.shards.sources import resolve_shards
@@ -211,6 +213,47 @@ def test_member_names_follow_webdataset_rules_as_the_loader_always_did(tmp_path)
     ]
     assert as_text == ODD_GROUPS
     assert [key for key, _ in iter_tar_samples(url)] == [group["__key__"] for group in ODD_GROUPS]
+
+
+# Keys in the order the loader gave them with webdataset's private _shuffle (recorded before it was
+# replaced): seeds and resumed runs must keep their order. Shards: write_shards(tmp, 3, 7).
+RECORDED_ORDERS = {
+    ("exact", 8, 7, 0): [
+        "s00017", "s00014", "s00015", "s00010", "s00009", "s00012", "s00016", "s00007", "s00000", "s00013",
+        "s00018", "s00002", "s00004", "s00011", "s00019", "s00005", "s00003", "s00008", "s00001", "s00020",
+        "s00006",
+    ],
+    ("balanced", 30, 3, 0): [
+        "s00018", "s00002", "s00013", "s00016", "s00004", "s00012", "s00001", "s00017", "s00008", "s00014",
+        "s00015", "s00005", "s00010", "s00019", "s00007", "s00006", "s00009", "s00000", "s00011", "s00003",
+    ],
+    ("exact", 8, 7, 6): [
+        "s00016", "s00007", "s00000", "s00013", "s00018", "s00002", "s00004", "s00011", "s00019", "s00005",
+        "s00003", "s00008", "s00001", "s00020", "s00006",
+    ],
+}  # fmt: skip
+
+
+def test_sample_order_for_a_seed_is_unchanged(tmp_path):
+    write_shards(tmp_path, 3, 7)
+    for (mode, buffer, seed, resume), expected in RECORDED_ORDERS.items():
+        config = {"resolution": 32, "reference_size": 16, "shuffle_buffer": buffer, "epoch_mode": mode}
+        if mode == "exact":
+            config["drop_last"] = False
+        loader = build_dataloader(tmp_path, config, batch_size=2, seed=seed, resume_samples=resume)
+        assert _keys(loader) == expected, (mode, buffer, seed, resume)
+
+
+def test_shuffle_buffer_draws_as_webdatasets_shuffle_did():
+    # recorded from webdataset 1.0.2's shuffle(bufsize=size, initial=size, rng=random.Random(seed))
+    recorded = {
+        (25, 6, "x"): [5, 2, 4, 7, 3, 0, 9, 8, 11, 14, 13, 15, 1, 16, 18, 12, 20, 21, 10, 6, 22, 23, 19, 17, 24],
+        (5, 8, "y"): [1, 2, 3, 0, 4],
+        (1, 4, 0): [0],
+        (0, 4, 0): [],
+    }  # fmt: skip
+    for (n, size, seed), expected in recorded.items():
+        assert list(shuffle_buffer(range(n), size, random.Random(seed))) == expected
 
 
 def test_undecodable_pixels_behind_a_valid_header_are_skipped_without_breaking_the_batch(tmp_path):

@@ -45,12 +45,11 @@ second time); ``len(loader)`` is the number of batches per rank and epoch in bal
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from itertools import count, islice
-from typing import Any
+from typing import Any, TypeVar
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.filters import _shuffle
 
 from dreampainter.data.loading.buckets import bucket_batches, nearest_bucket
 from dreampainter.data.loading.config import LoaderConfig
@@ -85,9 +84,11 @@ __all__ = [
     "collate",
     "iter_shard_groups",
     "process_sample",
+    "shuffle_buffer",
 ]
 
 SKIPS_ONLY = "skips_only"  # marks the record that carries a worker's trailing skip counts
+T = TypeVar("T")
 
 
 def iter_shard_groups(url: str, log: SkipLog, expected: int | None = None) -> Iterator[dict[str, Any]]:
@@ -123,6 +124,34 @@ def iter_shard_groups(url: str, log: SkipLog, expected: int | None = None) -> It
         log.skip(
             "missing_samples", url, f"{produced} of {expected} samples in the index", expected - produced
         )
+
+
+def shuffle_buffer(items: Iterable[T], size: int, rng: random.Random) -> Iterator[T]:
+    """Shuffle a stream through a buffer of ``size`` items, drawing only from ``rng``.
+
+    The order is WebDataset's ``shuffle(bufsize=size, initial=size, rng=rng)`` (webdataset 1.0's
+    ``_shuffle``), kept here so that seeds and resumed runs give the same order whatever webdataset
+    version is installed: while the buffer fills, each step takes two items; once it holds ``size``
+    items, each step yields ``buffer[rng.randint(0, len - 1)]`` (the last item takes its place).
+    """
+    items = iter(items)
+    buffer: list[T] = []
+
+    def pick() -> T:
+        k = rng.randint(0, len(buffer) - 1)
+        item = buffer[k]
+        buffer[k] = buffer[-1]
+        buffer.pop()
+        return item
+
+    for item in items:
+        buffer.append(item)
+        if len(buffer) < size:
+            buffer.extend(islice(items, 1))
+        if len(buffer) >= size:
+            yield pick()
+    while buffer:
+        yield pick()
 
 
 class DreamEcomDataset(IterableDataset):
@@ -317,8 +346,7 @@ class DreamEcomDataset(IterableDataset):
             rng = random.Random(
                 f"buffer/{self.seed}/{self.epoch}/{self.rank}/{worker}/{self.num_workers}/{pass_index}"
             )
-            buffer = self.config.shuffle_buffer
-            groups = _shuffle(groups, bufsize=buffer, initial=buffer, rng=rng)
+            groups = shuffle_buffer(groups, self.config.shuffle_buffer, rng)
         for group in groups:
             try:
                 item = inspect_sample(group, self.config.max_pixels)
