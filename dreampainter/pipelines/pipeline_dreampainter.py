@@ -26,6 +26,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from dreampainter.errors import InvalidInputError, require_file
+from dreampainter.models import has_reference_adapter
 from dreampainter.pipelines import reference_support
 from dreampainter.pipelines.guidance import TEXT_REF, UNCOND, GuidancePlan
 from dreampainter.pipelines.image_processing import (
@@ -153,7 +154,7 @@ class DreamPainterPipeline(DiffusionPipeline):
     @property
     def has_reference_adapter(self) -> bool:
         """Whether the UNet carries the reference adapter (else only text-only generation is possible)."""
-        return reference_support.adapter_installed(self.unet)
+        return has_reference_adapter(self.unet)
 
     def encode_prompt(
         self,
