@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import tarfile
 from pathlib import Path
 
@@ -12,8 +13,16 @@ import pytest
 import torch
 from data_shards import encode, make_members, write_shards, write_tar
 
-from dreampainter.data.loading.loader import LoaderConfig, build_dataloader
+from dreampainter.data.loading.loader import (
+    LoaderConfig,
+    build_dataloader,
+    iter_shard_groups,
+    shuffle_buffer,
+)
+from dreampainter.data.loading.skips import SkipLog
 from dreampainter.data.shards.sources import resolve_shards
+from dreampainter.data.shards.tar import iter_tar_samples
+from dreampainter.data.shards.validate import validate_shards
 from dreampainter.errors import InvalidInputError, MissingFileError
 
 SMALL = {"resolution": 32, "reference_size": 16, "shuffle_buffer": 8}
@@ -115,6 +124,136 @@ def test_corrupt_samples_and_a_truncated_tar_are_skipped_and_counted(tmp_path):
     counts = loader.skips.as_dict()
     assert counts.pop("truncated_tar") == 1
     assert counts == expected
+
+
+def _damaged_shard(path: Path, damage: str) -> list[str]:
+    """Six samples, damaged inside the fourth (``cut3``); returns the keys of the complete samples before it."""
+    samples = [(f"cut{i}", make_members(f"cut{i}", 300 + i)) for i in range(6)]
+    write_tar(path, samples)
+    data = path.read_bytes()
+    with tarfile.open(path) as archive:
+        members = {info.name: info for info in archive.getmembers()}
+    mask = members["cut3.mask.png"]
+    if damage == "inside_member":  # ends in the middle of cut3.mask.png's data
+        data = data[: mask.offset_data + mask.size // 2]
+    elif damage == "member_boundary":  # ends right after cut3.mask.png, no end-of-archive marker
+        data = data[: mask.offset_data + mask.size + (-mask.size % 512)]
+    else:  # cut3.mask.png's header overwritten: the rest of the file is unreachable
+        data = data[: mask.offset] + b"garbage!" * 64 + data[mask.offset + 512 :]
+    path.write_bytes(data)
+    return ["cut0", "cut1", "cut2"]
+
+
+@pytest.mark.parametrize(
+    "damage, reason, message",
+    [
+        ("inside_member", "truncated_tar", "truncated tar: member cut3.mask.png declares"),
+        ("member_boundary", "truncated_tar", "truncated tar: ends without its end-of-archive marker"),
+        ("garbage_header", "corrupt_tar", "corrupt tar header at byte"),
+    ],
+)
+def test_a_damaged_shard_is_an_error_for_the_validator_and_a_counted_skip_for_the_loader(
+    tmp_path, damage, reason, message
+):
+    """One reader, one rule: what the validator reports, the loader skips, keeping what came before."""
+    before = _damaged_shard(tmp_path / "damaged.tar", damage)
+    write_tar(tmp_path / "fine.tar", [(f"fine{i}", make_members(f"fine{i}", 200 + i)) for i in range(3)])
+    report = validate_shards(tmp_path, progress=False)
+    assert [p for p in report.problems if "damaged.tar" in p] == [
+        next(p for p in report.problems if p.startswith(f"damaged.tar: {message}"))
+    ]
+    assert {bad.key for bad in report.bad_samples} == {"cut3"} and report.num_samples == 3 + len(before)
+
+    config = {**SMALL, "epoch_mode": "exact", "drop_last": False, "shuffle_shards": False}
+    loader = build_dataloader(tmp_path, {**config, "shuffle_buffer": 0}, batch_size=2)
+    assert _keys(loader) == before + ["fine0", "fine1", "fine2"]
+    assert loader.skips.as_dict() == {reason: 1}
+    log = SkipLog(0, quiet=True)
+    groups = list(iter_shard_groups(str(tmp_path / "damaged.tar"), log, expected=6))
+    assert [group["__key__"] for group in groups] == before
+    assert dict(log.totals) == {reason: 1}  # no missing_samples on top of the truncation
+
+
+def test_a_missing_shard_is_counted_not_raised(tmp_path):
+    log = SkipLog(0, quiet=True)
+    assert list(iter_shard_groups(str(tmp_path / "nowhere.tar"), log)) == []
+    assert dict(log.totals) == {"unreadable_shard": 1}
+
+
+# Member names and what the loader made of them before it shared the validator's reader (tarfile +
+# webdataset's base_plus_ext): a leading "./" stays in the key, "__"-prefixed names are skipped, the
+# suffix is lower-cased, a hidden base name keys on its folder.
+ODD_NAMES = [
+    "__meta__", "__x.json", "./a/b.jpg", "./a/b.json", "dir/.x.jpg", "dir/.x.json", "A.JPG",
+    "A.Mask.PNG", "nodot", "a.b/c", "a.b/c.d", "x.", "y..z", ".hidden", "d/e/f.tar.gz", "./__k.txt",
+    "__a__/b.txt",
+]  # fmt: skip
+ODD_GROUPS = [
+    {"__key__": "./a/b", "jpg": "./a/b.jpg", "json": "./a/b.json"},
+    {"__key__": "dir/", "x.jpg": "dir/.x.jpg", "x.json": "dir/.x.json"},
+    {"__key__": "A", "jpg": "A.JPG", "mask.png": "A.Mask.PNG"},
+    {"__key__": "a.b/c", "d": "a.b/c.d"},
+    {"__key__": "x", "": "x."},
+    {"__key__": "y", ".z": "y..z"},
+    {"__key__": "d/e/f", "tar.gz": "d/e/f.tar.gz"},
+    {"__key__": "./__k", "txt": "./__k.txt"},
+]
+
+
+def test_member_names_follow_webdataset_rules_as_the_loader_always_did(tmp_path):
+    with tarfile.open(tmp_path / "odd.tar", "w") as archive:
+        for name in ODD_NAMES:
+            info = tarfile.TarInfo(name)
+            info.size = len(name)
+            archive.addfile(info, io.BytesIO(name.encode()))
+    url = str(tmp_path / "odd.tar")
+    groups = list(iter_shard_groups(url, SkipLog(0)))
+    as_text = [
+        {k: v if k == "__key__" else v.decode() for k, v in g.items() if k != "__url__"} for g in groups
+    ]
+    assert as_text == ODD_GROUPS
+    assert [key for key, _ in iter_tar_samples(url)] == [group["__key__"] for group in ODD_GROUPS]
+
+
+# Keys in the order the loader gave them with webdataset's private _shuffle (recorded before it was
+# replaced): seeds and resumed runs must keep their order. Shards: write_shards(tmp, 3, 7).
+RECORDED_ORDERS = {
+    ("exact", 8, 7, 0): [
+        "s00017", "s00014", "s00015", "s00010", "s00009", "s00012", "s00016", "s00007", "s00000", "s00013",
+        "s00018", "s00002", "s00004", "s00011", "s00019", "s00005", "s00003", "s00008", "s00001", "s00020",
+        "s00006",
+    ],
+    ("balanced", 30, 3, 0): [
+        "s00018", "s00002", "s00013", "s00016", "s00004", "s00012", "s00001", "s00017", "s00008", "s00014",
+        "s00015", "s00005", "s00010", "s00019", "s00007", "s00006", "s00009", "s00000", "s00011", "s00003",
+    ],
+    ("exact", 8, 7, 6): [
+        "s00016", "s00007", "s00000", "s00013", "s00018", "s00002", "s00004", "s00011", "s00019", "s00005",
+        "s00003", "s00008", "s00001", "s00020", "s00006",
+    ],
+}  # fmt: skip
+
+
+def test_sample_order_for_a_seed_is_unchanged(tmp_path):
+    write_shards(tmp_path, 3, 7)
+    for (mode, buffer, seed, resume), expected in RECORDED_ORDERS.items():
+        config = {"resolution": 32, "reference_size": 16, "shuffle_buffer": buffer, "epoch_mode": mode}
+        if mode == "exact":
+            config["drop_last"] = False
+        loader = build_dataloader(tmp_path, config, batch_size=2, seed=seed, resume_samples=resume)
+        assert _keys(loader) == expected, (mode, buffer, seed, resume)
+
+
+def test_shuffle_buffer_draws_as_webdatasets_shuffle_did():
+    # recorded from webdataset 1.0.2's shuffle(bufsize=size, initial=size, rng=random.Random(seed))
+    recorded = {
+        (25, 6, "x"): [5, 2, 4, 7, 3, 0, 9, 8, 11, 14, 13, 15, 1, 16, 18, 12, 20, 21, 10, 6, 22, 23, 19, 17, 24],
+        (5, 8, "y"): [1, 2, 3, 0, 4],
+        (1, 4, 0): [0],
+        (0, 4, 0): [],
+    }  # fmt: skip
+    for (n, size, seed), expected in recorded.items():
+        assert list(shuffle_buffer(range(n), size, random.Random(seed))) == expected
 
 
 def test_undecodable_pixels_behind_a_valid_header_are_skipped_without_breaking_the_batch(tmp_path):

@@ -444,6 +444,66 @@ def test_bad_arguments_raise_one_line_errors(pipe, kwargs, message):
     assert "\n" not in str(error.value)
 
 
+CHECKED_ARGUMENTS = [
+    (dict(num_inference_steps=0), "num_inference_steps: must be a positive integer"),
+    (dict(num_images_per_prompt=1.5), "num_images_per_prompt: must be a positive integer"),
+    (dict(text_guidance_scale=float("nan")), "text_guidance_scale: must be a finite number"),
+    (dict(reference_guidance_scale=-1.0), "reference_guidance_scale: must be a finite number >= 0"),
+    (dict(reference_scale="big"), "reference_scale: must be a finite number >= 0"),
+    (dict(generator=[torch.Generator()] * 3), "generator: got 3 generators for 1 results"),
+    (dict(height=30, width=47), "width: must be a multiple of 2"),
+    (dict(height=32), "height/width: give both or neither"),
+    (dict(resolution=0), "resolution: must be a positive integer"),
+    (dict(output_type="jpeg"), "output_type: must be pil, np, pt or latent"),
+    (dict(product_dilation=-1), "product_dilation and feather_radius: must be >= 0"),
+    (dict(callback_on_step_end_tensor_inputs=["latentz"]), "callback_on_step_end_tensor_inputs: unknown"),
+    (dict(prompt=["a", 3]), "prompt: must be a string or a list of strings"),
+    (dict(prompt=[]), "prompt: the list is empty"),
+    (dict(prompt=["a", "b", "c"], image=["<photo>"] * 2, product_mask=["<mask>"] * 2), "image: got 2 values"),
+    (dict(product_mask=["<mask>"] * 2), "product_mask: got 2 masks for 1 images"),
+    (dict(negative_prompt=["x", "y"]), "negative_prompt: got 2 values for 1 prompts"),
+    (dict(reference_image="<reference>"), "reference_image: this pipeline has no reference encoder"),
+]
+
+
+@pytest.mark.parametrize("kwargs, message", CHECKED_ARGUMENTS)
+def test_check_inputs_refuses_bad_arguments_before_any_image_or_model_is_touched(tokenizer, kwargs, message):
+    pipe = DreamPainterPipeline(**_text_only_components(tokenizer))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model ran before the arguments were checked")
+
+    pipe.unet.register_forward_pre_hook(refuse)
+    pipe.text_encoder.register_forward_pre_hook(refuse)
+    pipe.vae.encode = pipe.vae.decode = refuse
+    call = dict(prompt="a room", image="<photo>", product_mask="<mask>", **FAST)
+    with pytest.raises(InvalidInputError, match=message) as error:
+        pipe.check_inputs(**{**call, **kwargs})  # placeholders: no image is decoded here
+    assert "\n" not in str(error.value)
+    assert pipe.check_inputs(**call) is None
+    photo, mask, reference = _inputs()
+    images = {"<photo>": photo, "<mask>": mask, "<reference>": reference}
+
+    def real(value):
+        if isinstance(value, list):
+            return [real(item) for item in value]
+        return images[value] if isinstance(value, str) and value in images else value
+
+    with pytest.raises(InvalidInputError, match=message):
+        pipe(**{name: real(value) for name, value in {**call, **kwargs}.items()})  # before any model runs
+
+
+def test_prepare_latents_draws_noise_or_takes_given_latents(pipe):
+    pipe.scheduler.set_timesteps(STEPS)
+    sigma = pipe.scheduler.init_noise_sigma
+    args = (2, 4, 32, 48, torch.float32, torch.device("cpu"))
+    noise = pipe.prepare_latents(*args, _gen(1))
+    assert torch.equal(noise, torch.randn((2, 4, 16, 24), generator=_gen(1)) * sigma)
+    given = torch.rand(2, 4, 16, 24, dtype=torch.float64)
+    taken = pipe.prepare_latents(*args, _gen(1), latents=given)
+    assert taken.dtype == torch.float32 and torch.equal(taken, given.float() * sigma)
+
+
 def test_reference_without_adapter_is_refused(tokenizer):
     text_only = DreamPainterPipeline(**_text_only_components(tokenizer))
     photo, mask, reference = _inputs()

@@ -114,6 +114,7 @@ def cross_attention_layers(unet: nn.Module) -> dict[str, Attention]:
 
 
 def has_reference_adapter(unet: nn.Module) -> bool:
+    """True when ``unet`` carries the reference adapter (it then needs ``added_cond_kwargs["image_embeds"]``)."""
     return getattr(unet, "reference_adapter_config", None) is not None
 
 

@@ -3,6 +3,12 @@
 A diffusers ``DiffusionPipeline`` around an SD inpainting UNet with the reference adapter installed.
 Each denoising step makes one batched UNet call over the guidance branches that matter (see
 ``guidance.py``); the product's pixels are pasted back from the input at the end.
+
+``__call__`` runs the steps of diffusers' ``StableDiffusionInpaintPipeline``, each its own method:
+``check_inputs``; the conditions (``encode_prompt``, ``encode_reference``, then
+``prepare_branch_conditions`` lays them out per guidance branch); ``prepare_latents`` (noise) and
+``prepare_mask_latents`` (mask and masked-photo latents), in that order of random draws; the
+denoising loop (``_denoise``); ``_finish`` (decode, resize to the input size, paste the product back).
 """
 
 from __future__ import annotations
@@ -26,8 +32,9 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from dreampainter.errors import InvalidInputError, require_file
+from dreampainter.models import has_reference_adapter
 from dreampainter.pipelines import reference_support
-from dreampainter.pipelines.guidance import TEXT_REF, UNCOND, GuidancePlan
+from dreampainter.pipelines.guidance import TEXT_REF, UNCOND, GuidancePlan, check_guidance_scale
 from dreampainter.pipelines.image_processing import (
     DEFAULT_FEATHER_RADIUS,
     ProductInput,
@@ -75,6 +82,11 @@ def _check_positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
         raise InvalidInputError(f"{name}: must be a positive integer, got {value!r}")
     return int(value)
+
+
+def _negative_prompts(negative_prompt, batch_size: int) -> list[str]:
+    """One negative prompt per prompt (``None`` = the empty prompt)."""
+    return _broadcast(_as_list(negative_prompt or "", "negative_prompt"), batch_size, "negative_prompt")
 
 
 class DreamPainterPipeline(DiffusionPipeline):
@@ -153,7 +165,7 @@ class DreamPainterPipeline(DiffusionPipeline):
     @property
     def has_reference_adapter(self) -> bool:
         """Whether the UNet carries the reference adapter (else only text-only generation is possible)."""
-        return reference_support.adapter_installed(self.unet)
+        return has_reference_adapter(self.unet)
 
     def encode_prompt(
         self,
@@ -198,15 +210,134 @@ class DreamPainterPipeline(DiffusionPipeline):
         rows[present] = features
         return rows.repeat_interleave(num_images_per_prompt, dim=0)
 
+    def prepare_branch_conditions(
+        self,
+        plan: GuidancePlan,
+        prompt_embeds: torch.Tensor,
+        negative_embeds: torch.Tensor | None,
+        reference_features: torch.Tensor | None,
+        device: torch.device,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """The UNet's conditions for one batched call, rows laid out branch by branch (``plan.branches``).
+
+        Returns ``(encoder_hidden_states, added_cond_kwargs)``: the negative prompt rows for ``UNCOND``,
+        the prompt rows otherwise; with the adapter installed, ``image_embeds`` holds
+        ``reference_features`` for ``TEXT_REF`` and zeros ("no reference") for the other branches.
+        ``negative_embeds`` is needed when ``UNCOND`` runs, ``reference_features`` when ``TEXT_REF`` does.
+        """
+        text_rows = torch.cat(
+            [negative_embeds if branch == UNCOND else prompt_embeds for branch in plan.branches]
+        )
+        if not self.has_reference_adapter:
+            return text_rows, None
+        no_reference = reference_support.zero_features(
+            self.unet, prompt_embeds.shape[0], device, self.unet.dtype, like=reference_features
+        )
+        image_embeds = torch.cat(
+            [reference_features if branch == TEXT_REF else no_reference for branch in plan.branches]
+        )
+        return text_rows, {"image_embeds": image_embeds}
+
     # ------------------------------------------------------------------ inputs
+
+    def check_inputs(
+        self,
+        prompt,
+        image,
+        product_mask=None,
+        reference_image=None,
+        negative_prompt=None,
+        *,
+        text_guidance_scale: float = 7.5,
+        reference_guidance_scale: float | None = None,
+        reference_scale: float | dict | None = None,
+        num_inference_steps: int = 30,
+        num_images_per_prompt: int = 1,
+        generator=None,
+        height: int | None = None,
+        width: int | None = None,
+        resolution: int | None = None,
+        product_dilation: int = 0,
+        feather_radius: float = DEFAULT_FEATHER_RADIUS,
+        output_type: str = "pil",
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+    ) -> None:
+        """Validate the arguments of :meth:`__call__` without decoding an image or running a model.
+
+        Raises :class:`InvalidInputError` (one line, naming the argument) for the first problem found.
+        The images themselves (decoding, sizes, masks, ``max_pixels``) are checked when they are prepared.
+        """
+        prompts = _as_list(prompt, "prompt")
+        if not all(isinstance(text, str) for text in prompts):
+            raise InvalidInputError("prompt: must be a string or a list of strings")
+        batch_size = len(prompts)
+        _check_positive_int(num_inference_steps, "num_inference_steps")
+        num_images_per_prompt = _check_positive_int(num_images_per_prompt, "num_images_per_prompt")
+        if (
+            reference_scale is not None
+            and not isinstance(reference_scale, dict)
+            and not (
+                isinstance(reference_scale, (int, float))
+                and math.isfinite(reference_scale)
+                and reference_scale >= 0
+            )
+        ):
+            raise InvalidInputError(f"reference_scale: must be a finite number >= 0, got {reference_scale!r}")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise InvalidInputError(f"output_type: must be pil, np, pt or latent, got {output_type!r}")
+        if product_dilation < 0 or not math.isfinite(feather_radius) or feather_radius < 0:
+            raise InvalidInputError("product_dilation and feather_radius: must be >= 0")
+        unknown = sorted(set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs))
+        if unknown:
+            raise InvalidInputError(
+                f"callback_on_step_end_tensor_inputs: unknown {unknown}; available: {self._callback_tensor_inputs}"
+            )
+        num_rows = batch_size * num_images_per_prompt
+        if isinstance(generator, list) and len(generator) != num_rows:
+            raise InvalidInputError(
+                f"generator: got {len(generator)} generators for {num_rows} results "
+                f"({batch_size} prompts x {num_images_per_prompt} images)"
+            )
+
+        images = _as_list(image, "image")
+        masks = images if product_mask is None else _as_list(product_mask, "product_mask")
+        if len(masks) != len(images):
+            raise InvalidInputError(f"product_mask: got {len(masks)} masks for {len(images)} images")
+        _broadcast(images, batch_size, "image")
+        if reference_image is not None:
+            references = _broadcast(
+                _as_list(reference_image, "reference_image"), batch_size, "reference_image"
+            )
+            if any(reference is not None for reference in references) and (
+                self.reference_encoder is None or not self.has_reference_adapter
+            ):
+                raise InvalidInputError(
+                    "reference_image: this pipeline has no reference encoder and adapter; it can only generate from text"
+                )
+        check_guidance_scale(text_guidance_scale, "text_guidance_scale")
+        if reference_guidance_scale is not None:
+            check_guidance_scale(reference_guidance_scale, "reference_guidance_scale")
+        self._check_size_arguments(height, width, resolution)
+        _negative_prompts(negative_prompt, batch_size)
+
+    def _check_size_arguments(self, height, width, resolution) -> None:
+        factor = self.vae_scale_factor
+        if (height is None) != (width is None):
+            raise InvalidInputError("height/width: give both or neither")
+        if height is not None:
+            for name, value in (("height", height), ("width", width)):
+                if _check_positive_int(value, name) % factor:
+                    raise InvalidInputError(
+                        f"{name}: must be a multiple of {factor} (the VAE's factor), got {value}"
+                    )
+        if resolution is not None:
+            _check_positive_int(resolution, "resolution")
 
     def _prepare_products(
         self, image, product_mask, batch_size: int, max_pixels: int | None
     ) -> list[ProductInput]:
         images = _as_list(image, "image")
         masks = [None] * len(images) if product_mask is None else _as_list(product_mask, "product_mask")
-        if len(masks) != len(images):
-            raise InvalidInputError(f"product_mask: got {len(masks)} masks for {len(images)} images")
         products = [
             prepare_product_input(
                 picture,
@@ -233,32 +364,32 @@ class DreamPainterPipeline(DiffusionPipeline):
             )
             for index, reference in enumerate(references)
         ]
-        references = _broadcast(references, batch_size, "reference_image")
-        if any(reference is not None for reference in references) and (
-            self.reference_encoder is None or not self.has_reference_adapter
-        ):
-            raise InvalidInputError(
-                "reference_image: this pipeline has no reference encoder and adapter; it can only generate from text"
-            )
-        return references
+        return _broadcast(references, batch_size, "reference_image")
 
     def _processing_sizes(
         self, products: list[ProductInput], height: int | None, width: int | None, resolution: int | None
     ) -> list[tuple[int, int]]:
         """The (width, height) each product is processed at: given, or its size rounded to the VAE factor."""
-        factor = self.vae_scale_factor
-        if (height is None) != (width is None):
-            raise InvalidInputError("height/width: give both or neither")
         if height is not None:
-            for name, value in (("height", height), ("width", width)):
-                if _check_positive_int(value, name) % factor:
-                    raise InvalidInputError(
-                        f"{name}: must be a multiple of {factor} (the VAE's factor), got {value}"
-                    )
             return [(int(width), int(height))] * len(products)
-        if resolution is not None:
-            _check_positive_int(resolution, "resolution")
-        return [processing_size(*product.size, factor, resolution) for product in products]
+        return [processing_size(*product.size, self.vae_scale_factor, resolution) for product in products]
+
+    def _preprocess_products(
+        self,
+        products: list[ProductInput],
+        product_dilation: int,
+        height: int,
+        width: int,
+        device: torch.device,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[PIL.Image.Image]]:
+        """``(init_image, mask_condition, inpaint_masks)``: the photos in [-1, 1] and the binarized inpainting
+        masks (1 = repaint) at the processing size, in the VAE's dtype; the masks as ``L`` images too."""
+        inpaint_masks = [inpainting_mask(product.product_mask, product_dilation) for product in products]
+        init_image = self.image_processor.preprocess([p.image for p in products], height=height, width=width)
+        mask_condition = self.mask_processor.preprocess(inpaint_masks, height=height, width=width)
+        init_image = init_image.to(device=device, dtype=self.vae.dtype)  # the VAE may run in another dtype
+        mask_condition = mask_condition.to(device=device, dtype=self.vae.dtype)
+        return init_image, mask_condition, inpaint_masks
 
     def _call_per_size(
         self,
@@ -305,6 +436,73 @@ class DreamPainterPipeline(DiffusionPipeline):
         if not return_dict:
             return rows, masks
         return DreamPainterPipelineOutput(images=rows, masks=masks)
+
+    # ------------------------------------------------------------------ latents
+
+    def _prepare_timesteps(self, num_inference_steps: int, device: torch.device) -> torch.Tensor:
+        """Set the scheduler's timesteps for a full-strength run (starting at its first step)."""
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(0)
+        return self.scheduler.timesteps
+
+    def prepare_latents(
+        self,
+        batch_size: int,
+        num_channels_latents: int,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The initial latents: ``latents`` if given, else Gaussian noise, scaled by the scheduler's initial sigma.
+
+        Noise is drawn with ``generator`` (one per row when a list), like diffusers' pipelines.
+        """
+        shape = (
+            batch_size,
+            num_channels_latents,
+            height // self.vae_scale_factor,
+            width // self.vae_scale_factor,
+        )
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        else:
+            latents = latents.to(device=device, dtype=dtype)
+        return latents * self.scheduler.init_noise_sigma
+
+    def prepare_mask_latents(
+        self,
+        mask: torch.Tensor,
+        masked_image: torch.Tensor,
+        num_images_per_prompt: int,
+        num_branches: int,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        generator: torch.Generator | list[torch.Generator] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mask_latents, masked_image_latents)``: the inpainting mask at latent size and the VAE latents of
+        the masked photos, one row per generated image, repeated for each guidance branch.
+
+        ``mask`` (1 = repaint) and ``masked_image`` (the photo in [-1, 1], zero where repainted) have one
+        row per prompt at the processing size ``height`` x ``width``; the latents are sampled with
+        ``generator`` (row ``i * num_images_per_prompt``'s generator for prompt ``i`` when a list).
+        """
+        masked_latents = self._encode_masked_images(masked_image, generator, num_images_per_prompt)
+        latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        mask_latents = F.interpolate(mask, size=latent_size).to(dtype)
+        mask_latents = mask_latents.repeat_interleave(num_images_per_prompt, dim=0).repeat(
+            num_branches, 1, 1, 1
+        )
+        masked_latents = (
+            masked_latents.to(dtype)
+            .repeat_interleave(num_images_per_prompt, dim=0)
+            .repeat(num_branches, 1, 1, 1)
+        )
+        return mask_latents, masked_latents
 
     def _encode_masked_images(
         self, masked_images: torch.Tensor, generator, rows_per_image: int
@@ -381,173 +579,137 @@ class DreamPainterPipeline(DiffusionPipeline):
             output_type: ``"pil"``, ``"np"`` (float in [0, 1]), ``"pt"`` or ``"latent"``.
             callback_on_step_end: ``f(pipe, step, timestep, tensors) -> dict`` called after each step.
         """
+        self.check_inputs(
+            prompt, image, product_mask, reference_image, negative_prompt,
+            text_guidance_scale=text_guidance_scale, reference_guidance_scale=reference_guidance_scale,
+            reference_scale=reference_scale, num_inference_steps=num_inference_steps,
+            num_images_per_prompt=num_images_per_prompt, generator=generator, height=height, width=width,
+            resolution=resolution, product_dilation=product_dilation, feather_radius=feather_radius,
+            output_type=output_type, callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )  # fmt: skip
         prompts = _as_list(prompt, "prompt")
-        if not all(isinstance(text, str) for text in prompts):
-            raise InvalidInputError("prompt: must be a string or a list of strings")
-        batch_size = len(prompts)
-        num_inference_steps = _check_positive_int(num_inference_steps, "num_inference_steps")
-        num_images_per_prompt = _check_positive_int(num_images_per_prompt, "num_images_per_prompt")
+        batch_size, n = len(prompts), int(num_images_per_prompt)
+        num_inference_steps = int(num_inference_steps)
         if reference_guidance_scale is None:
             reference_guidance_scale = text_guidance_scale
-        if (
-            reference_scale is not None
-            and not isinstance(reference_scale, dict)
-            and not (
-                isinstance(reference_scale, (int, float))
-                and math.isfinite(reference_scale)
-                and reference_scale >= 0
-            )
-        ):
-            raise InvalidInputError(f"reference_scale: must be a finite number >= 0, got {reference_scale!r}")
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise InvalidInputError(f"output_type: must be pil, np, pt or latent, got {output_type!r}")
-        if product_dilation < 0 or not math.isfinite(feather_radius) or feather_radius < 0:
-            raise InvalidInputError("product_dilation and feather_radius: must be >= 0")
-        unknown = sorted(set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs))
-        if unknown:
-            raise InvalidInputError(
-                f"callback_on_step_end_tensor_inputs: unknown {unknown}; available: {self._callback_tensor_inputs}"
-            )
-        num_rows = batch_size * num_images_per_prompt
-        if isinstance(generator, list) and len(generator) != num_rows:
-            raise InvalidInputError(
-                f"generator: got {len(generator)} generators for {num_rows} results "
-                f"({batch_size} prompts x {num_images_per_prompt} images)"
-            )
 
+        # Pixels: decoded and checked products and references, the size(s) to process them at.
         products = self._prepare_products(image, product_mask, batch_size, max_pixels)
         references = self._prepare_references(reference_image, batch_size, max_pixels)
-        has_reference = any(reference is not None for reference in references)
-        plan = GuidancePlan.create(text_guidance_scale, reference_guidance_scale, has_reference)
         sizes = self._processing_sizes(products, height, width, resolution)
         if len(set(sizes)) > 1:
             shared = dict(
-                text_guidance_scale=text_guidance_scale,
-                reference_guidance_scale=reference_guidance_scale,
-                reference_scale=reference_scale,
-                num_inference_steps=num_inference_steps,
-                resolution=resolution,
-                product_dilation=product_dilation,
-                paste_product=paste_product,
-                feather_radius=feather_radius,
-                eta=eta,
-                max_pixels=max_pixels,
+                text_guidance_scale=text_guidance_scale, reference_guidance_scale=reference_guidance_scale,
+                reference_scale=reference_scale, num_inference_steps=num_inference_steps,
+                resolution=resolution, product_dilation=product_dilation, paste_product=paste_product,
+                feather_radius=feather_radius, eta=eta, max_pixels=max_pixels,
                 callback_on_step_end=callback_on_step_end,
                 callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            )
+            )  # fmt: skip
             return self._call_per_size(
-                sizes, prompts, products, references, negative_prompt, generator,
-                num_images_per_prompt, output_type, return_dict, shared,
+                sizes, prompts, products, references, negative_prompt, generator, n, output_type, return_dict,
+                shared,
             )  # fmt: skip
         width, height = sizes[0]
-        device = self._execution_device
-        dtype = self.unet.dtype
+        device, dtype = self._execution_device, self.unet.dtype
+        has_reference = any(reference is not None for reference in references)
+        plan = GuidancePlan.create(text_guidance_scale, reference_guidance_scale, has_reference)
 
-        # Conditions: text rows per branch, reference features per branch.
-        negatives = None
-        if UNCOND in plan.branches:
-            negatives = _broadcast(
-                _as_list(negative_prompt or "", "negative_prompt"), batch_size, "negative_prompt"
-            )
-        prompt_embeds, negative_embeds = self.encode_prompt(prompts, negatives, device, num_images_per_prompt)
-        text_rows = torch.cat(
-            [negative_embeds if branch == UNCOND else prompt_embeds for branch in plan.branches]
+        # Conditions: the branches' text rows and reference features.
+        negatives = _negative_prompts(negative_prompt, batch_size) if UNCOND in plan.branches else None
+        prompt_embeds, negative_embeds = self.encode_prompt(prompts, negatives, device, n)
+        features = None
+        if self.has_reference_adapter and TEXT_REF in plan.branches:
+            features = self.encode_reference(references, device, n)
+        encoder_hidden_states, added_cond_kwargs = self.prepare_branch_conditions(
+            plan, prompt_embeds, negative_embeds, features, device
         )
-        added_cond_kwargs = None
-        if self.has_reference_adapter:
-            features = (
-                self.encode_reference(references, device, num_images_per_prompt)
-                if TEXT_REF in plan.branches
-                else None
-            )
-            no_reference = reference_support.zero_features(self.unet, num_rows, device, dtype, like=features)
-            added_cond_kwargs = {
-                "image_embeds": torch.cat(
-                    [features if branch == TEXT_REF else no_reference for branch in plan.branches]
-                )
-            }
 
-        # Pixels -> model inputs at the processing size.
-        inpaint_masks = [inpainting_mask(product.product_mask, product_dilation) for product in products]
-        init_image = self.image_processor.preprocess([p.image for p in products], height=height, width=width)
-        mask_condition = self.mask_processor.preprocess(inpaint_masks, height=height, width=width)
-        init_image = init_image.to(device=device, dtype=self.vae.dtype)  # the VAE may run in another dtype
-        mask_condition = mask_condition.to(device=device, dtype=self.vae.dtype)
-
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
-        if hasattr(self.scheduler, "set_begin_index"):
-            self.scheduler.set_begin_index(0)
-        latent_shape = (
-            num_rows,
-            self.vae.config.latent_channels,
-            height // self.vae_scale_factor,
-            width // self.vae_scale_factor,
+        # Latents: noise first, then the masked photos' latents (the order of diffusers' random draws).
+        init_image, mask_condition, inpaint_masks = self._preprocess_products(
+            products, product_dilation, height, width, device
         )
-        latents = randn_tensor(latent_shape, generator=generator, device=device, dtype=dtype)
-        latents = latents * self.scheduler.init_noise_sigma
-
-        masked_latents = self._encode_masked_images(
-            init_image * (mask_condition < 0.5), generator, num_images_per_prompt
+        timesteps = self._prepare_timesteps(num_inference_steps, device)
+        latents = self.prepare_latents(
+            batch_size * n, self.vae.config.latent_channels, height, width, dtype, device, generator
         )
-        mask_latents = F.interpolate(mask_condition, size=latent_shape[-2:]).to(dtype)
-        repeat = plan.num_branches
-        mask_latents = mask_latents.repeat_interleave(num_images_per_prompt, dim=0).repeat(repeat, 1, 1, 1)
-        masked_latents = (
-            masked_latents.to(dtype).repeat_interleave(num_images_per_prompt, dim=0).repeat(repeat, 1, 1, 1)
-        )
-        extra_step_kwargs = self._extra_step_kwargs(generator, eta)
+        mask_latents, masked_latents = self.prepare_mask_latents(
+            mask_condition, init_image * (mask_condition < 0.5), n, plan.num_branches, height, width, dtype,
+            generator,
+        )  # fmt: skip
 
         self._num_timesteps = len(timesteps)
-        with (
-            reference_support.scale_for_call(self.unet, reference_scale),
-            self.progress_bar(total=len(timesteps)) as progress_bar,
-        ):
+        with reference_support.scale_for_call(self.unet, reference_scale):
+            latents = self._denoise(
+                latents, timesteps, mask_latents, masked_latents, encoder_hidden_states, added_cond_kwargs,
+                plan, self._extra_step_kwargs(generator, eta), prompt_embeds,
+                callback_on_step_end, callback_on_step_end_tensor_inputs,
+            )  # fmt: skip
+
+        images = self._finish(latents, products, n, paste_product, feather_radius, output_type)
+        masks = [inpaint_masks[row // n] for row in range(batch_size * n)]
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return images, masks
+        return DreamPainterPipelineOutput(images=images, masks=masks)
+
+    def _denoise(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        mask_latents: torch.Tensor,
+        masked_latents: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        added_cond_kwargs: dict[str, torch.Tensor] | None,
+        plan: GuidancePlan,
+        extra_step_kwargs: dict,
+        prompt_embeds: torch.Tensor,
+        callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+    ) -> torch.Tensor:
+        """The denoising loop: per step one batched UNet call over ``plan``'s branches, guided, stepped.
+
+        ``mask_latents``, ``masked_latents`` and the conditions are laid out branch by branch;
+        ``latents`` has one row per generated image. ``callback_on_step_end`` gets the tensors named in
+        ``callback_on_step_end_tensor_inputs`` after each step and may return new ``latents``.
+        """
+        repeat = plan.num_branches
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
             for step, t in enumerate(timesteps):
                 model_input = self.scheduler.scale_model_input(torch.cat([latents] * repeat), t)
                 model_input = torch.cat([model_input, mask_latents, masked_latents], dim=1)
                 noise_pred = self.unet(
                     model_input,
                     t,
-                    encoder_hidden_states=text_rows,
+                    encoder_hidden_states=encoder_hidden_states,
                     added_cond_kwargs=added_cond_kwargs,
                     return_dict=False,
                 )[0]
                 noise_pred = plan.combine(noise_pred)
-                step_output = self.scheduler.step(
-                    noise_pred, t, latents, **extra_step_kwargs, return_dict=False
-                )
-                latents = step_output[0]
+                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[
+                    0
+                ]
                 if callback_on_step_end is not None:
                     available = {"latents": latents, "prompt_embeds": prompt_embeds, "noise_pred": noise_pred}
                     tensors = {name: available[name] for name in callback_on_step_end_tensor_inputs}
                     latents = callback_on_step_end(self, step, t, tensors).pop("latents", latents)
                 progress_bar.update()
-
-        masks = [inpaint_masks[row // num_images_per_prompt] for row in range(num_rows)]
-        if output_type == "latent":
-            images = latents
-        else:
-            latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
-            decoded = self.vae.decode(latents, return_dict=False)[0]
-            images = self._finish(
-                decoded, products, num_images_per_prompt, paste_product, feather_radius, output_type
-            )
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return images, masks
-        return DreamPainterPipelineOutput(images=images, masks=masks)
+        return latents
 
     def _finish(
         self,
-        decoded: torch.Tensor,
+        latents: torch.Tensor,
         products: list[ProductInput],
         num_images_per_prompt: int,
         paste_product: bool,
         feather_radius: float,
         output_type: str,
     ):
-        """Decoded images -> input size, product pasted back, in the requested output type."""
+        """Final latents -> decoded images at the input size, product pasted back, in ``output_type``."""
+        if output_type == "latent":
+            return latents
+        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+        decoded = self.vae.decode(latents, return_dict=False)[0]
         decoded = (decoded.float() / 2 + 0.5).clamp(0, 1)
         results = []
         for row, image in enumerate(decoded):

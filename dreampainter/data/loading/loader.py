@@ -45,12 +45,11 @@ second time); ``len(loader)`` is the number of batches per rank and epoch in bal
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from itertools import count, islice
-from typing import Any
+from typing import Any, TypeVar
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.filters import _shuffle
 
 from dreampainter.data.loading.buckets import bucket_batches, nearest_bucket
 from dreampainter.data.loading.config import LoaderConfig
@@ -64,14 +63,15 @@ from dreampainter.data.loading.sample import (
     process_sample,
 )
 from dreampainter.data.loading.skips import SkipCounter, SkipLog
-from dreampainter.data.loading.tarstream import iter_tar_groups
 from dreampainter.data.shards.sources import (
     ShardSet,
     check_enough_shards,
+    open_shard,
     resolve_shards,
     shard_order,
     split_shards,
 )
+from dreampainter.data.shards.tar import TarFormatError, TruncatedTarError, iter_tar_samples
 from dreampainter.errors import InvalidInputError
 
 __all__ = [
@@ -82,10 +82,76 @@ __all__ = [
     "SkipCounter",
     "build_dataloader",
     "collate",
+    "iter_shard_groups",
     "process_sample",
+    "shuffle_buffer",
 ]
 
 SKIPS_ONLY = "skips_only"  # marks the record that carries a worker's trailing skip counts
+T = TypeVar("T")
+
+
+def iter_shard_groups(url: str, log: SkipLog, expected: int | None = None) -> Iterator[dict[str, Any]]:
+    """Stream one shard as ``{"__key__", "__url__", suffix: bytes, ...}`` groups (WebDataset's naming).
+
+    The shard validator's reader (:func:`~dreampainter.data.shards.tar.iter_tar_samples`) reads it, so
+    both agree on what is complete. Nothing here raises for bad data; it is counted in ``log``:
+    ``unreadable_shard`` (cannot be opened), ``truncated_tar`` (ends early, even at a member boundary,
+    or a read fails) and ``corrupt_tar`` (corrupt header, a member twice in a sample) keep every
+    complete sample before the damage; ``missing_samples`` counts a shortfall against the index.
+    """
+    produced = 0
+    try:
+        stream = open_shard(url)
+    except Exception as error:  # noqa: BLE001 - any failure to open is a skipped shard, never a crash
+        log.skip("unreadable_shard", url, error)
+        return
+    try:
+        with stream:
+            for key, members in iter_tar_samples(stream, name=url):
+                produced += 1
+                yield {"__key__": key, "__url__": url, **members}
+    except TruncatedTarError as error:
+        log.skip("truncated_tar", url, error)
+        return
+    except TarFormatError as error:
+        log.skip("corrupt_tar", url, error)
+        return
+    except (OSError, EOFError, ValueError) as error:  # the stream failed (network, pipe exit status)
+        log.skip("truncated_tar", url, error)
+        return
+    if expected is not None and produced < expected:
+        log.skip(
+            "missing_samples", url, f"{produced} of {expected} samples in the index", expected - produced
+        )
+
+
+def shuffle_buffer(items: Iterable[T], size: int, rng: random.Random) -> Iterator[T]:
+    """Shuffle a stream through a buffer of ``size`` items, drawing only from ``rng``.
+
+    The order is WebDataset's ``shuffle(bufsize=size, initial=size, rng=rng)`` (webdataset 1.0's
+    ``_shuffle``), kept here so that seeds and resumed runs give the same order whatever webdataset
+    version is installed: while the buffer fills, each step takes two items; once it holds ``size``
+    items, each step yields ``buffer[rng.randint(0, len - 1)]`` (the last item takes its place).
+    """
+    items = iter(items)
+    buffer: list[T] = []
+
+    def pick() -> T:
+        k = rng.randint(0, len(buffer) - 1)
+        item = buffer[k]
+        buffer[k] = buffer[-1]
+        buffer.pop()
+        return item
+
+    for item in items:
+        buffer.append(item)
+        if len(buffer) < size:
+            buffer.extend(islice(items, 1))
+        if len(buffer) >= size:
+            yield pick()
+    while buffer:
+        yield pick()
 
 
 class DreamEcomDataset(IterableDataset):
@@ -272,7 +338,7 @@ class DreamEcomDataset(IterableDataset):
         groups = (
             {**group, "__pass__": draw if resampled else pass_index}
             for draw, shard in enumerate(shards)
-            for group in iter_tar_groups(
+            for group in iter_shard_groups(
                 self.shards.urls[shard], log, None if counts is None else counts[shard]
             )
         )
@@ -280,8 +346,7 @@ class DreamEcomDataset(IterableDataset):
             rng = random.Random(
                 f"buffer/{self.seed}/{self.epoch}/{self.rank}/{worker}/{self.num_workers}/{pass_index}"
             )
-            buffer = self.config.shuffle_buffer
-            groups = _shuffle(groups, bufsize=buffer, initial=buffer, rng=rng)
+            groups = shuffle_buffer(groups, self.config.shuffle_buffer, rng)
         for group in groups:
             try:
                 item = inspect_sample(group, self.config.max_pixels)

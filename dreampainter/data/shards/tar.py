@@ -1,10 +1,15 @@
-"""Minimal streaming tar reading and deterministic tar writing for WebDataset shards.
+"""The one tar reader of shards (validator, index, loader, benchmarks, validation grids) and the
+deterministic tar writer.
 
-Reading groups members into samples the WebDataset way: the key is the member path up to the first
-dot of its base name, the suffix is the rest (``a/0001.ref.jpg`` -> key ``a/0001``, suffix
-``ref.jpg``), and consecutive members with the same key form one sample. Unlike :mod:`tarfile`, the
-reader treats a missing end-of-archive marker as truncation instead of a clean end, so a shard cut
-short at a member boundary is reported rather than silently read as complete.
+Reading groups members into samples exactly as WebDataset does (``base_plus_ext`` and
+``group_by_keys``): the key is the member path up to the first dot of its base name, the suffix is
+the rest, lower-cased (``a/0001.ref.JPG`` -> key ``a/0001``, suffix ``ref.jpg``); consecutive members
+with the same key form one sample; names starting with ``__`` and names whose base name has no dot
+belong to no sample. Unlike :mod:`tarfile`, the reader treats a missing end-of-archive marker as
+truncation instead of a clean end, and a corrupt header as an error instead of the end of the
+archive, so a shard cut short, even at a member boundary, is reported rather than silently read as
+complete. What each caller does about it is its own choice: the validator reports the shard, the
+loader keeps the samples read before the damage and counts a skip.
 
 It understands ustar, GNU (``tar`` long names, base-256 sizes) and pax (``ShardWriter``/Python)
 headers; links, directories and device entries are skipped.
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tarfile
 from collections.abc import Iterator
 from typing import BinaryIO
@@ -22,9 +28,11 @@ from dreampainter.errors import InvalidInputError
 
 BLOCK = 512
 END_OF_ARCHIVE = b"\0" * (2 * BLOCK)
-
+_ZERO_BLOCK = b"\0" * BLOCK
 _REGULAR_TYPES = {b"0", b"\0", b"7"}
 _SKIPPED_TYPES = {b"1", b"2", b"3", b"4", b"5", b"6", b"g", b"K", b"D", b"V"}
+# webdataset.tariterators.base_plus_ext: (path up to the first dot of the base name, the rest).
+_MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
 
 class TarFormatError(InvalidInputError):
@@ -40,17 +48,18 @@ class TruncatedTarError(TarFormatError):
 
 
 def split_member_name(name: str) -> tuple[str, str] | None:
-    """``"dir/0001.ref.jpg"`` -> ``("dir/0001", "ref.jpg")``; None when the base name has no dot.
+    """``"dir/0001.ref.JPG"`` -> ``("dir/0001", "ref.jpg")``; None for a member outside any sample.
 
-    A leading ``./`` is dropped; the suffix is lower-cased (as WebDataset does).
+    WebDataset's rules, to the character: the key is ``base_plus_ext``'s prefix (a leading ``./``
+    stays in it), the suffix is lower-cased, and names starting with ``__`` (``__meta__``, ...) or
+    whose base name has no dot are not sample members.
     """
-    while name.startswith("./"):
-        name = name[2:]
-    folder, _, base = name.rpartition("/")
-    stem, dot, suffix = base.partition(".")
-    if not dot or not stem or not suffix:
+    if name.startswith("__"):
         return None
-    return (f"{folder}/{stem}" if folder else stem), suffix.lower()
+    match = _MEMBER_NAME.match(name)
+    if match is None:
+        return None
+    return match.group(1), match.group(2).lower()
 
 
 def _read_exact(fileobj: BinaryIO, size: int) -> bytes:
@@ -82,14 +91,19 @@ def _text(field: bytes) -> str:
 
 
 def _checksum_ok(header: bytes) -> bool:
+    """The header's checksum (its bytes summed, the checksum field counted as 8 spaces) matches."""
+    field = header[148:156]
     try:
-        stored = _number(header[148:156])
+        stored = _number(field)
     except ValueError:
         return False
-    blanked = header[:148] + b" " * 8 + header[156:]
-    unsigned = sum(blanked)
-    signed = unsigned - 256 * sum(1 for byte in blanked if byte > 127)
-    return stored in (unsigned, signed)
+    unsigned = sum(header) - sum(field) + 8 * ord(" ")
+    if stored == unsigned:
+        return True
+    # Some old writers summed signed bytes.
+    return stored == unsigned - 256 * sum(1 for byte in header if byte > 127) + 256 * sum(
+        1 for byte in field if byte > 127
+    )
 
 
 def _pax_records(data: bytes) -> dict[str, str]:
@@ -108,6 +122,11 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return records
 
 
+def _label(source: str | os.PathLike | BinaryIO, name: str | None) -> str:
+    """What error messages call the tar: ``name``, else the file's name."""
+    return name or str(getattr(source, "name", None) or "tar stream")
+
+
 def iter_tar_members(
     source: str | os.PathLike | BinaryIO, *, name: str | None = None
 ) -> Iterator[tuple[str, bytes]]:
@@ -120,7 +139,7 @@ def iter_tar_members(
         with open(source, "rb") as fileobj:
             yield from iter_tar_members(fileobj, name=name or os.fspath(source))
         return
-    label = name or getattr(source, "name", "tar stream")
+    label = _label(source, name)
     offset = 0
     count = 0
     long_name: str | None = None
@@ -132,7 +151,7 @@ def iter_tar_members(
             raise TruncatedTarError(
                 f"{label}: truncated tar: {where} at byte {offset + len(header)} (after {count} members)"
             )
-        if header == b"\0" * BLOCK:
+        if header == _ZERO_BLOCK:
             return
         if not _checksum_ok(header):
             raise TarFormatError(f"{label}: corrupt tar header at byte {offset} (checksum mismatch)")
@@ -180,10 +199,14 @@ def iter_tar_samples(
 ) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield ``(key, {suffix: bytes})`` per sample, grouping consecutive members by key.
 
-    Members whose base name has no dot (or starts with one) are ignored, as WebDataset does. A
-    sample is yielded only once the next key (or the end marker) shows it is complete: on
-    truncation the pending sample is dropped and named in the error's ``pending_key``.
+    Members are named as :func:`split_member_name` says (WebDataset's rules); the others are
+    ignored. A sample is yielded only once the next key (or the end marker) shows it is complete:
+    on truncation or a corrupt header the pending sample is dropped and named in the error's
+    ``pending_key``. A suffix appearing twice in one sample is a :class:`TarFormatError` (WebDataset
+    refuses it too).
     """
+    if isinstance(source, (str, os.PathLike)):
+        name = name or os.fspath(source)
     key: str | None = None
     members: dict[str, bytes] = {}
     try:
@@ -197,7 +220,9 @@ def iter_tar_samples(
                     yield key, members
                 key, members = member_key, {}
             if suffix in members:
-                raise TarFormatError(f"{name or source}: member {member_name} appears twice in sample {key}")
+                raise TarFormatError(
+                    f"{_label(source, name)}: member {member_name} appears twice in sample {key}"
+                )
             members[suffix] = data
     except TarFormatError as error:
         error.pending_key = key
