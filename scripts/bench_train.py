@@ -4,7 +4,7 @@ The reference is the structure of IP-Adapter's ``tutorial_train.py`` applied to 
 per-sample ``Dataset`` (PIL open, torchvision transforms, ``CLIPImageProcessor``, tokenizer, random
 dropout) over extracted files, and a loop that runs the VAE (photo and masked photo), the text encoder
 and the image encoder on every step before the UNet. Ours is the trainer's step (streaming shard
-loader, ``_prepare_inputs``, ``diffusion_loss``) without and with ``data.cache``. All three train the
+loader, ``prepare_inputs``, ``diffusion_loss``) without and with ``data.cache``. All three train the
 same adapter on the same frozen medium-size model and the same toy shards, with the same batch size.
 
 Each variant runs in its own subprocess (so ``ru_maxrss`` is its peak memory), interleaved over
@@ -299,8 +299,8 @@ def ours_step_fn(parts, accelerator, unet, optimizer, trainable, config, cached:
 
     from dreampainter.data.loading.loader import LoaderConfig, build_dataloader
     from dreampainter.training.cache import open_latent_cache
+    from dreampainter.training.inputs import prepare_inputs
     from dreampainter.training.step import diffusion_loss, encode_prompts
-    from dreampainter.training.trainer import _prepare_inputs
 
     loader_config = LoaderConfig.from_dict(OmegaConf.to_container(config.data.loader, resolve=True))
     if cached:
@@ -313,7 +313,7 @@ def ours_step_fn(parts, accelerator, unet, optimizer, trainable, config, cached:
 
     def step(batch) -> torch.Tensor:
         with accelerator.accumulate(unet):
-            inputs = _prepare_inputs(batch, parts, empty, 2, device)
+            inputs = prepare_inputs(batch, parts, empty, 2, device)
             with accelerator.autocast():
                 loss = diffusion_loss(unet, parts.noise_scheduler, inputs, generator)
             accelerator.backward(loss)
@@ -333,7 +333,7 @@ def run_variant(variant: str, workdir: Path, batch_size: int, warmup: int, steps
 
     from dreampainter.training import load_config
     from dreampainter.training.components import load_components
-    from dreampainter.training.trainer import _mark_trainable, _optimizer
+    from dreampainter.training.setup import build_optimizer, mark_trainable
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     overrides = [f"data.cache={workdir / 'cache'}"] if variant == "cached" else []
@@ -341,11 +341,11 @@ def run_variant(variant: str, workdir: Path, batch_size: int, warmup: int, steps
     accelerator = Accelerator()
     set_seed(0)
     parts = load_components(config)
-    trainable = _mark_trainable(config, parts)
+    trainable = mark_trainable(config, parts)
     for module in (parts.vae, parts.text_encoder, parts.reference_encoder):
         module.to(accelerator.device).eval()
     unet = parts.unet.to(accelerator.device)
-    optimizer = _optimizer(config, trainable, accelerator.device)
+    optimizer = build_optimizer(config, trainable, accelerator.device)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     if variant == "reference":
         loader, step = reference_step_fn(parts, accelerator, unet, optimizer, trainable, workdir, batch_size)

@@ -5,7 +5,7 @@ inpainting UNet, SD's VAE, a CLIP-L text encoder and a ViT-H-14 vision tower (as
 The stage-2 setting is the trainer's: UNet frozen and cast to ``--dtype`` (``cast_frozen_unet``),
 reference adapter installed with float32 parameters, AdamW on the adapter, autocast, gradient clipping.
 
-Two variants run the trainer's own step (``_prepare_inputs`` + ``diffusion_loss``) on the same batch,
+Two variants run the trainer's own step (``prepare_inputs`` + ``diffusion_loss``) on the same batch,
 interleaved over ``--repeats``:
 
 * ``cached``: the UNet training pass on precomputed latent distributions, text states and reference
@@ -246,10 +246,10 @@ class Step:
     def __call__(self, batch: dict) -> float:
         import torch
 
+        from dreampainter.training.inputs import prepare_inputs
         from dreampainter.training.step import diffusion_loss
-        from dreampainter.training.trainer import _prepare_inputs
 
-        inputs = _prepare_inputs(batch, self.parts, self.empty_embeds, 2, self.device)
+        inputs = prepare_inputs(batch, self.parts, self.empty_embeds, 2, self.device)
         with torch.autocast(self.device.type, dtype=self.weight_dtype, enabled=self.weight_dtype != torch.float32):
             loss = diffusion_loss(self.parts.unet, self.parts.noise_scheduler, inputs, self.generator)
         # The trainer's finite check reads the loss every step (a host sync before the backward pass). Unlike

@@ -49,7 +49,7 @@ def test_cpu_smoke_run_reports_both_variants(tmp_path):
 
 def test_cached_batch_gives_the_uncached_step_inputs(bench, tmp_path):
     """The cached variant trains on exactly what the uncached one computes (fp32: equal up to rounding)."""
-    from dreampainter.training.trainer import _prepare_inputs
+    from dreampainter.training.inputs import prepare_inputs
 
     shapes = bench.small_shapes()
     parts, trainable, _ = bench.build_components(shapes, "resampler", torch.device("cpu"), torch.float32, tmp_path)
@@ -58,8 +58,8 @@ def test_cached_batch_gives_the_uncached_step_inputs(bench, tmp_path):
     batch["drop_text"][1] = True  # dropout flags travel with the cached batch
     cached = bench.make_cached_batch(batch, parts, torch.device("cpu"), step.empty_embeds)
     assert "pixel_values" not in cached
-    ours = _prepare_inputs(cached, parts, step.empty_embeds, 2, torch.device("cpu"))
-    reference = _prepare_inputs(batch, parts, step.empty_embeds, 2, torch.device("cpu"))
+    ours = prepare_inputs(cached, parts, step.empty_embeds, 2, torch.device("cpu"))
+    reference = prepare_inputs(batch, parts, step.empty_embeds, 2, torch.device("cpu"))
     for name in ("latent_mean", "latent_std", "masked_mean", "masked_std", "mask", "text_embeds", "reference_features"):
         torch.testing.assert_close(getattr(ours, name), getattr(reference, name), msg=name)
     assert ours.reference_features.shape == (2, 17, shapes.vision["hidden_size"])  # resampler reads the tokens

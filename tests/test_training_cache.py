@@ -18,8 +18,8 @@ from dreampainter.training import cache as cache_module
 from dreampainter.training import load_config, train
 from dreampainter.training.cache import LATENT_NAMES, REFERENCE_NAME, LatentCache, cache_latents, drop_flags
 from dreampainter.training.components import load_components
+from dreampainter.training.inputs import prepare_inputs
 from dreampainter.training.step import diffusion_loss, encode_prompts
-from dreampainter.training.trainer import _prepare_inputs
 
 DROPS = {"p_drop_text": 0.2, "p_drop_reference": 0.2, "p_drop_both": 0.1}
 
@@ -53,13 +53,13 @@ def test_cached_loss_equals_uncached_loss(tmp_path, setup):
     batch = next(iter(build_dataloader(config.data.train, loader_config, batch_size=6, seed=config.run.seed)))
     batch["drop_text"] = torch.tensor([True, False, False, True, False, False])
     batch["drop_reference"] = torch.tensor([False, True, False, True, False, False])
-    uncached = _prepare_inputs(batch, parts, encode_prompts(parts.tokenizer, parts.text_encoder, [""]), 2, "cpu")
+    uncached = prepare_inputs(batch, parts, encode_prompts(parts.tokenizer, parts.text_encoder, [""]), 2, "cpu")
 
     cache = LatentCache(setup[2])
     cached_batch = cache.read([cache.index_of(key) for key in batch["key"]], (*LATENT_NAMES, REFERENCE_NAME))
     cached_batch.update(drop_text=batch["drop_text"], drop_reference=batch["drop_reference"],
                         empty_text_embeds=cache.empty_text_embeds())
-    cached = _prepare_inputs(cached_batch, None, None, 2, "cpu")  # parts=None: no encoder can run
+    cached = prepare_inputs(cached_batch, None, None, 2, "cpu")  # parts=None: no encoder can run
     for name in ("latent_mean", "latent_std", "masked_mean", "masked_std", "mask", "text_embeds", "reference_features"):
         assert torch.allclose(getattr(cached, name), getattr(uncached, name), atol=1e-6), name
     assert cached.reference_features[3].abs().sum() == 0 and cached.reference_features[0].abs().sum() > 0

@@ -1,5 +1,9 @@
 """Training-state checkpoints: ``checkpoint-<step>/`` folders written atomically, pruned, resumed.
 
+A checkpoint holds what ``accelerator.save_state`` writes (model, optimizer, LR scheduler, RNG states and
+the objects registered for checkpointing: the EMA and the :class:`TrainState`) plus each rank's own
+noise generator, so :func:`resume` continues the run exactly.
+
 Every process calls :func:`save_checkpoint` (DeepSpeed and FSDP need all ranks in ``save_state``); the
 state goes to a hidden temporary folder first and the main process renames it to ``checkpoint-<step>``
 only once everyone has finished writing, so a killed save never leaves a ``checkpoint-*`` folder that
@@ -8,8 +12,10 @@ cannot load, and "latest" always means the newest complete one.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,6 +25,24 @@ from dreampainter.errors import InvalidInputError, MissingFileError
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TMP_PREFIX = ".tmp-checkpoint-"
+
+
+@dataclass
+class TrainState:
+    """Where the run is, saved in every checkpoint so resume is exact (the same on every rank)."""
+
+    global_step: int = 0
+    epoch: int = 0
+    epoch_batches: int = 0  # batches each rank consumed in the current epoch
+    skipped_steps: int = 0
+    consecutive_bad_steps: int = 0
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in self.state_dict():
+            setattr(self, key, int(state[key]))
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -73,11 +97,16 @@ def load_rank_state(checkpoint: str | Path, rank: int) -> dict:
 
 
 def save_checkpoint(
-    accelerator: Accelerator, output_dir: str | Path, step: int, keep_last: int, rank_state: dict | None = None
+    accelerator: Accelerator,
+    output_dir: str | Path,
+    step: int,
+    keep_last: int,
+    generator: torch.Generator | None = None,
 ) -> Path:
     """``save_state`` into a temporary folder on every rank, then rename and prune on the main process.
 
-    ``rank_state`` is saved by every rank on its own (accelerate's custom objects are saved by rank 0 only).
+    ``generator`` (this rank's noise generator) is saved by every rank on its own (accelerate's custom
+    objects are saved by rank 0 only).
     """
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
@@ -87,8 +116,8 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
-    if rank_state is not None:
-        torch.save(rank_state, rank_state_path(tmp, accelerator.process_index))
+    if generator is not None:
+        torch.save({"generator": generator.get_state()}, rank_state_path(tmp, accelerator.process_index))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():  # the same step saved again (e.g. the final save after a periodic one)
@@ -99,3 +128,13 @@ def save_checkpoint(
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def resume(accelerator: Accelerator, output_dir: str | Path, resume_from: str | None, generator: torch.Generator) -> Path | None:
+    """Load ``checkpoint.resume_from_checkpoint`` (see :func:`resolve_resume`) into the prepared objects,
+    the registered ones and this rank's ``generator``; returns the checkpoint, or ``None`` to start fresh."""
+    checkpoint = resolve_resume(output_dir, resume_from)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        generator.set_state(load_rank_state(checkpoint, accelerator.process_index)["generator"])
+    return checkpoint
