@@ -31,15 +31,6 @@ STEPS = 3
 FAST = dict(num_inference_steps=STEPS, output_type="np")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads; on a shared 2-core machine threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("tokenizer")
