@@ -21,16 +21,15 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from dreampainter.data.loading.loader import LoaderConfig, build_dataloader
+from dreampainter.data.loading.loader import build_dataloader
 from dreampainter.errors import DreamPainterError, InvalidInputError
 from dreampainter.models import adapter_parameters, cast_frozen_unet, reference_features
 from dreampainter.training import checkpointing
 from dreampainter.training.cache import cached_step_inputs, is_cached_batch, open_latent_cache
 from dreampainter.training.components import TrainingComponents, load_components
-from dreampainter.training.config import save_config, unet_training_mode
+from dreampainter.training.config import TrainConfig, save_config, unet_training_mode
 from dreampainter.training.outputs import save_outputs
 from dreampainter.training.step import (
     StepInputs,
@@ -43,6 +42,7 @@ from dreampainter.training.step import (
     select_text,
 )
 from dreampainter.utils import atomic_write_json, mixed_precision_dtype, use_cpu
+from dreampainter.utils.config import config_to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def _device_kwargs() -> dict:
     return {"cpu": True}
 
 
-def _configure_deepspeed(accelerator: Accelerator, config: DictConfig) -> None:
+def _configure_deepspeed(accelerator: Accelerator, config: TrainConfig) -> None:
     """The training config, not the DeepSpeed section of the launch config, sets batch, accumulation, clipping.
 
     The loader is not passed through ``prepare``, so DeepSpeed cannot read the batch size from it.
@@ -135,7 +135,7 @@ def _configure_deepspeed(accelerator: Accelerator, config: DictConfig) -> None:
     )
 
 
-def _trackers(config: DictConfig) -> str | None:
+def _trackers(config: TrainConfig) -> str | None:
     report_to = config.logging.report_to
     if report_to == "wandb" and config.logging.wandb_mode == "disabled":
         return None
@@ -154,7 +154,7 @@ def _trackers(config: DictConfig) -> str | None:
     return None if report_to == "none" else report_to
 
 
-def _mark_trainable(config: DictConfig, parts: TrainingComponents) -> list[torch.nn.Parameter]:
+def _mark_trainable(config: TrainConfig, parts: TrainingComponents) -> list[torch.nn.Parameter]:
     """Freeze everything, then enable what this stage trains; returns the trainable parameters."""
     for module in (parts.vae, parts.text_encoder, parts.reference_encoder):
         if module is not None:
@@ -184,7 +184,7 @@ def _mark_trainable(config: DictConfig, parts: TrainingComponents) -> list[torch
     return trainable
 
 
-def _optimizer(config: DictConfig, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+def _optimizer(config: TrainConfig, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
     optim = config.optim
     kwargs = dict(lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay, eps=optim.eps)
     want_8bit = optim.use_8bit_adam == "yes" or (optim.use_8bit_adam == "auto" and device.type == "cuda")
@@ -225,7 +225,7 @@ def _prepare_inputs(batch: dict, parts: TrainingComponents, empty_embeds: torch.
     )
 
 
-def _flat_hparams(config: DictConfig) -> dict:
+def _flat_hparams(config: TrainConfig) -> dict:
     """``{"optim.lr": 1e-4, ...}`` with scalar values only (what tensorboard's hparams accept)."""
     flat = {}
 
@@ -237,7 +237,7 @@ def _flat_hparams(config: DictConfig) -> dict:
             else:
                 flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
 
-    visit(OmegaConf.to_container(config, resolve=True), "")
+    visit(config_to_dict(config), "")
     return flat
 
 
@@ -246,7 +246,7 @@ def _all_finite(accelerator: Accelerator, loss: torch.Tensor) -> bool:
     return bool(accelerator.gather(finite).min() > 0)
 
 
-def train(config: DictConfig) -> TrainResult:
+def train(config: TrainConfig) -> TrainResult:
     """Run one training stage as ``config`` describes (see ``configs/`` and ``docs/training.md``)."""
     started = time.perf_counter()
     output_dir = Path(config.run.output_dir)
@@ -311,7 +311,7 @@ def train(config: DictConfig) -> TrainResult:
         accelerator.init_trackers(config.logging.project, _flat_hparams(config), init_kwargs)
 
     validation = _Validator(config, parts, accelerator, output_dir)
-    loader_config = LoaderConfig.from_dict(OmegaConf.to_container(config.data.loader, resolve=True))
+    loader_config = config.data.loader
     latent_cache = open_latent_cache(config, parts, loader_config) if config.data.cache else None
     progress = tqdm(
         total=config.train.max_steps, initial=state.global_step, desc=f"stage {stage}",
@@ -431,7 +431,7 @@ def _write_summary(result: TrainResult, num_processes: int) -> None:
 class _Validator:
     """Every ``validation.every_steps`` (and at the end), a grid on fixed samples, on the main process."""
 
-    def __init__(self, config: DictConfig, parts: TrainingComponents, accelerator: Accelerator, output_dir: Path):
+    def __init__(self, config: TrainConfig, parts: TrainingComponents, accelerator: Accelerator, output_dir: Path):
         self.config, self.parts, self.accelerator = config, parts, accelerator
         self.folder = output_dir / "validation"
         self.samples = None
