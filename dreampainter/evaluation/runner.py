@@ -3,7 +3,7 @@
 ```python
 pipe = DreamPainterPipeline.from_pretrained(folder).to(device)
 report = run_benchmark(pipe, "bench/", "eval_out/", EvaluationConfig.from_dict(cfg.evaluation),
-                       BenchmarkSettings(steps=30, seed=0))
+                       BenchmarkSettings(num_inference_steps=30, seed=0))
 ```
 
 - **Seeds**: sample ``key`` is generated with ``torch.Generator().manual_seed(sample_seed(seed, key))``
@@ -55,6 +55,7 @@ from dreampainter.evaluation.bench_settings import (
     load_pipeline,
 )
 from dreampainter.evaluation.registry import EvaluationConfig, MetricSuite, build_suite
+from dreampainter.pipelines.settings import GenerationSettings
 
 MAIN_RUN = "main"
 RUN_DESCRIPTIONS = {
@@ -121,7 +122,7 @@ def generate_batch(
     pipe: Any,
     samples: list[BenchSample],
     references: list[Any] | None,
-    settings: BenchmarkSettings,
+    settings: GenerationSettings,
 ) -> Generated:
     """Generate ``samples`` (one image each, per-sample seeds); ``references`` None for text only.
 
@@ -137,14 +138,8 @@ def generate_batch(
         image=[s.photo for s in samples],
         product_mask=[s.product_mask for s in samples],
         reference_image=references,
-        negative_prompt=settings.negative_prompt,
-        text_guidance_scale=settings.text_guidance,
-        reference_guidance_scale=settings.reference_guidance,
-        reference_scale=settings.reference_scale,
-        num_inference_steps=settings.steps,
         generator=generators,
-        resolution=settings.resolution,
-        product_dilation=settings.product_dilation,
+        **settings.pipeline_kwargs(),
         paste_product=False,
         output_type="np",
     )
@@ -351,7 +346,7 @@ def run_benchmark(
 
     group = group or ProcessGroup(device=getattr(pipe, "device", torch.device("cpu")))
     config = config or EvaluationConfig()
-    settings = (settings or BenchmarkSettings()).validate()
+    settings = settings or BenchmarkSettings()
     out = Path(out)
     started = time.perf_counter()
 
