@@ -295,14 +295,13 @@ def reference_step_fn(parts, accelerator, unet, optimizer, trainable, workdir: P
 def ours_step_fn(parts, accelerator, unet, optimizer, trainable, config, cached: bool, batch_size: int):
     """The trainer's step (dreampainter.training.trainer), with the streaming loader or the latent cache."""
     import torch
-    from omegaconf import OmegaConf
 
-    from dreampainter.data.loading.loader import LoaderConfig, build_dataloader
+    from dreampainter.data.loading.loader import build_dataloader
     from dreampainter.training.cache import open_latent_cache
     from dreampainter.training.inputs import prepare_inputs
     from dreampainter.training.step import diffusion_loss, encode_prompts
 
-    loader_config = LoaderConfig.from_dict(OmegaConf.to_container(config.data.loader, resolve=True))
+    loader_config = config.data.loader
     if cached:
         loader = open_latent_cache(config, parts, loader_config).dataloader(loader_config, batch_size=batch_size)
     else:

@@ -28,6 +28,7 @@ from dreampainter.evaluation.runner import (
 )
 from dreampainter.toy.backbones import write_tiny_backbones
 from dreampainter.toy.data import write_toy_dataset
+from dreampainter.utils.config import config_to_dict
 
 LAUNCH_CONFIG = REPO / "configs" / "accelerate" / "cpu_2proc.yaml"
 NUM_TOY = 6
@@ -90,7 +91,7 @@ def setup(tmp_path_factory):
     config["evaluation"]["backbones"] = write_tiny_backbones(root / "backbones")
     config["evaluation"]["backbones"]["dino"]["path"] = str(root / "absent" / "dino.safetensors")
     config["evaluation"]["feature_cache"] = str(root / "cache")
-    config["benchmark"].update(steps=2, batch_size=3, contact_count=2)
+    config["benchmark"].update(num_inference_steps=2, batch_size=3, contact_count=2)
     (root / "eval.yaml").write_text(yaml.safe_dump(config))
     return root, make_bench(root)
 
@@ -148,7 +149,7 @@ def test_report_has_every_run_per_sample_rows_images_and_contact_sheet(one_proce
     assert sheet["metric"] == "bg_delta_e" and (out / sheet["file"]).is_file()
     best, worst = [entry["value"] for entry in sheet["best"]], [entry["value"] for entry in sheet["worst"]]
     assert best[0] == min(main_rows.values()) and worst[0] == max(main_rows.values())
-    assert report["config"]["benchmark"]["steps"] == 2
+    assert report["config"]["benchmark"]["num_inference_steps"] == 2
 
 
 def test_missing_weights_skip_one_metric_with_the_file_and_where_to_get_it(one_process, setup):
@@ -205,7 +206,7 @@ def test_composited_result_equals_the_pipeline_paste_and_seeds_ignore_batching(s
     pipe = load_pipeline(root / "pipeline")
     pipe.set_progress_bar_config(disable=True)
     samples = [entry.decode() for entry in read_benchmark_share(bench, limit=3).good.values()]
-    settings = BenchmarkSettings(steps=2, feather_radius=2.0)
+    settings = BenchmarkSettings(num_inference_steps=2, feather_radius=2.0)
     together = generate_batch(pipe, samples, [s.reference for s in samples], settings)
     alone = generate_batch(pipe, samples[2:], [samples[2].reference], settings)
     np.testing.assert_allclose(alone.raw[0], together.raw[2], atol=1e-5)  # float noise of batch size
@@ -252,17 +253,18 @@ def test_best_and_worst_cases_do_not_overlap_and_skip_nan():
 def test_configs_parse_and_the_toy_config_matches_the_tiny_backbones(tmp_path):
     evaluation, settings = load_evaluation_file(REPO / "configs" / "eval_toy.yaml")
     written = write_tiny_backbones(tmp_path)
+    files = ("path", "model_config")  # written under tmp_path, configured under outputs/tiny_backbones
     for name, entry in written.items():
-        configured = evaluation.backbones[name]
-        files = {"path", "model_config"}  # the config names the files written, relative to outputs/
+        configured = config_to_dict(evaluation.backbone(name))
         assert {k: configured[k] for k in entry if k not in files} == {
             k: v for k, v in entry.items() if k not in files
         }
-        for key in files & set(entry):
-            assert Path(configured[key]).name == Path(entry[key]).name
+        for key in files:
+            if key in entry:
+                assert Path(configured[key]).name == Path(entry[key]).name
     assert settings.controls == ["no_reference", "shuffled_reference"]
     evaluation, settings = load_evaluation_file(REPO / "configs" / "eval_sd15.yaml")
-    assert evaluation.backbones["clip"]["model"] == "ViT-L-14-quickgelu" and settings.steps == 30
+    assert evaluation.backbones.clip.model == "ViT-L-14-quickgelu" and settings.num_inference_steps == 30
 
 
 def _cli_error(capsys, args: list[str]) -> str:
@@ -312,7 +314,7 @@ def test_command_line_overrides_the_config(setup):
         ]
     )
     evaluation, settings = load_evaluate_config(args)
-    assert settings.controls == [] and settings.steps == 5 and settings.batch_size == 3  # 3 from the file
+    assert settings.controls == [] and settings.num_inference_steps == 5 and settings.batch_size == 3  # 3 from the file
     assert evaluation.metrics == ["product"] and evaluation.segmenter == "known_scene"
 
 

@@ -172,14 +172,14 @@ BAD_CASES = {
     "full mask": (["--image", "{f}/photo.png", "--mask", "{f}/full_mask.png"], "covers the whole image"),
     "opaque rgba": (["--image", "{f}/opaque.png"], "fully opaque alpha"),
     "rgb without mask": (["--image", "{f}/photo.png"], "mask: required for the RGB"),
-    "zero steps": (["--image", "{f}/cutout.png", "--steps", "0"], "steps: must be a positive integer"),
+    "zero steps": (["--image", "{f}/cutout.png", "--steps", "0"], "--steps: must be a positive integer"),
     "nan guidance": (
         ["--image", "{f}/cutout.png", "--text-guidance", "nan"],
-        "text guidance: must be a finite",
+        "--text-guidance: must be a finite",
     ),
     "negative ref guidance": (
         ["--image", "{f}/cutout.png", "--reference-guidance", "-2"],
-        "reference guidance",
+        "--reference-guidance: must be a finite number >= 0",
     ),
     "pixel limit": (["--image", "{f}/cutout.png", "--max-pixels", "100"], "over the (pixel )?limit of 100"),
     "decompression bomb": (
@@ -211,11 +211,19 @@ def test_bad_inputs_exit_2_with_one_line(files, tmp_path, capsys, case):
             '{"image": "photo.png", "mask": "mask.png", "prompt": "x"}\n{"image": "photo.png"\n',
             r"bad_jobs.jsonl:2: invalid JSON",
         ),
-        ('{"image": "photo.png", "mask": "mask.png"}\n', r"bad_jobs.jsonl:1: missing key\(s\) \['prompt'\]"),
-        ('{"image": "photo.png", "prompt": "x", "colour": 1}\n', r"bad_jobs.jsonl:1: unknown key"),
+        ('{"image": "photo.png", "mask": "mask.png"}\n', r"bad_jobs.jsonl:1: missing config key 'prompt'"),
+        ('{"image": "photo.png", "prompt": "x", "colour": 1}\n', r"bad_jobs.jsonl:1: unknown config key 'colour'"),
         (
-            '{"image": "photo.png", "prompt": "x", "steps": -1}\n',
-            r"bad_jobs.jsonl:1: steps: must be a positive",
+            '{"image": "photo.png", "prompt": "x", "num_inference_steps": -1}\n',
+            r"bad_jobs.jsonl:1: bad value for 'num_inference_steps' \(must be a positive integer",
+        ),
+        (
+            '{"image": "photo.png", "prompt": "x", "steps": 3}\n',
+            r"bad_jobs.jsonl:1: unknown config key 'steps' \(renamed: use 'num_inference_steps'\)",
+        ),
+        (
+            '{"image": "photo.png", "prompt": "x", "text_guidance_scale": "lots"}\n',
+            r"bad_jobs.jsonl:1: bad value for 'text_guidance_scale' \(Value 'lots'",
         ),
         ('{"image": "nope.png", "prompt": "x"}\n', r"bad_jobs.jsonl:1: image: file not found"),
         ('{"image": "cutout.png", "prompt": "x"}\n{"image": "cutout.png", "prompt": "y"}\n', r"same files"),

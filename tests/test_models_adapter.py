@@ -191,11 +191,11 @@ def test_full_size_sd15_inpainting_config_parameter_count():
 
 
 def test_bad_configs_give_clear_errors():
-    with pytest.raises(InvalidInputError, match="projection must be one of"):
+    with pytest.raises(InvalidInputError, match=r"bad value for 'projection' \(must be one of linear, resampler"):
         AdapterConfig("mlp")
-    with pytest.raises(InvalidInputError, match="num_tokens must be positive"):
+    with pytest.raises(InvalidInputError, match=r"bad value for 'num_tokens' \(must be a positive integer"):
         AdapterConfig("linear", num_tokens=0)
-    with pytest.raises(InvalidInputError, match="unknown adapter config key"):
+    with pytest.raises(InvalidInputError, match="adapter config: unknown config key 'tokens'"):
         AdapterConfig.from_dict({"projection": "linear", "tokens": 4})
 
 

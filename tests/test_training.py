@@ -120,9 +120,9 @@ def test_config_rules(tmp_path, setup):
     child.write_text("base: parent.yaml\ntrainer:\n  steps: 3\n")
     with pytest.raises(InvalidInputError, match="unknown config key 'trainer'"):
         load_config(child)
-    with pytest.raises(InvalidInputError, match="unknown data config key"):
+    with pytest.raises(InvalidInputError, match="override 'data.loader.resolutoin=64': unknown config key 'data.loader.resolutoin'"):
         load_config(parent, ["data.loader.resolutoin=64"])
-    with pytest.raises(InvalidInputError, match="train.max_steps must be >= 1"):
+    with pytest.raises(InvalidInputError, match=r"bad value for 'train.max_steps' \(must be >= 1, got 0\)"):
         load_config(parent, ["train.max_steps=0"])
     with pytest.raises(InvalidInputError, match="must look like key=value"):
         load_config(parent, ["optim.lr"])

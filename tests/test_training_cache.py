@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from training_utils import make_tiny_base, make_toy_shards, subprocess_env, tiny_config, write_config
 
@@ -49,7 +48,7 @@ def test_cached_loss_equals_uncached_loss(tmp_path, setup):
     parts = load_components(config)
     for module in (parts.vae, parts.text_encoder, parts.reference_encoder):
         module.requires_grad_(False).eval()
-    loader_config = LoaderConfig.from_dict(OmegaConf.to_container(config.data.loader))
+    loader_config = config.data.loader
     batch = next(iter(build_dataloader(config.data.train, loader_config, batch_size=6, seed=config.run.seed)))
     batch["drop_text"] = torch.tensor([True, False, False, True, False, False])
     batch["drop_reference"] = torch.tensor([False, True, False, True, False, False])

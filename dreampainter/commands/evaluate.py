@@ -48,27 +48,46 @@ def _split(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+# command-line flag -> the benchmark setting it overrides
+SETTING_FLAGS = {
+    "limit": "--limit",
+    "num_inference_steps": "--steps",
+    "seed": "--seed",
+    "batch_size": "--batch-size",
+    "contact_metric": "--contact-metric",
+    "controls": "--controls",
+    "save_images": "--no-images",
+}
+
+
 def load_evaluate_config(args: argparse.Namespace):
     """The (EvaluationConfig, BenchmarkSettings) from ``--config`` with the command-line overrides."""
-    from dreampainter.evaluation.runner import BenchmarkSettings, load_evaluation_file
+    import dataclasses
+
+    from dreampainter.errors import InvalidInputError
+    from dreampainter.evaluation.runner import load_evaluation_file
+    from dreampainter.utils.config import ConfigValueError
 
     evaluation, settings = load_evaluation_file(args.config)
     if args.metrics is not None:
         evaluation.metrics = _split(args.metrics)
-    overrides = {
+    given = {
         "limit": args.limit,
-        "steps": args.steps,
+        "num_inference_steps": args.steps,
         "seed": args.seed,
         "batch_size": args.batch_size,
         "contact_metric": args.contact_metric,
     }
-    values = {**settings.as_dict(), **{k: v for k, v in overrides.items() if v is not None}}
+    changes = {key: value for key, value in given.items() if value is not None}
     if args.controls is not None:
         controls = _split(args.controls)
-        values["controls"] = [] if controls == ["none"] else controls
+        changes["controls"] = [] if controls == ["none"] else controls
     if args.no_images:
-        values["save_images"] = False
-    return evaluation, BenchmarkSettings(**values).validate()
+        changes["save_images"] = False
+    try:
+        return evaluation, dataclasses.replace(settings, **changes)
+    except ConfigValueError as error:
+        raise InvalidInputError(f"{SETTING_FLAGS.get(error.key, error.key)}: {error.problem}") from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -26,8 +26,10 @@ def register(subparsers) -> None:
     source.add_argument("--negative-prompt", help="what to avoid")
     parser.add_argument(
         "--batch",
-        help="JSONL file, one job a line: image, prompt, and optionally mask, reference, "
-        "negative_prompt, steps, seed, text_guidance, reference_guidance, reference_scale, num, name",
+        help="JSONL file, one job a line: image, prompt, and optionally mask, reference, name, and any "
+        "generation setting by its pipeline name (num_inference_steps, seed, text_guidance_scale, "
+        "reference_guidance_scale, reference_scale, negative_prompt, resolution, feather_radius, "
+        "product_dilation, num, paste_product, max_pixels); the flags below are the defaults",
     )
     parser.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -77,32 +79,60 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+# JobSettings field -> the command-line flag that sets it (errors name the flag)
+SETTING_FLAGS = {
+    "num_inference_steps": "--steps",
+    "seed": "--seed",
+    "text_guidance_scale": "--text-guidance",
+    "reference_guidance_scale": "--reference-guidance",
+    "reference_scale": "--reference-scale",
+    "negative_prompt": "--negative-prompt",
+    "num": "--num",
+    "resolution": "--resolution",
+    "feather_radius": "--feather",
+    "paste_product": "--no-paste",
+    "product_dilation": "--product-dilation",
+    "max_pixels": "--max-pixels",
+}
+
+
+def _settings(args: argparse.Namespace):
+    """The :class:`JobSettings` the flags give (the defaults of every job); errors name the flag."""
+    from dreampainter.pipelines.jobs import JobSettings
+    from dreampainter.utils.config import ConfigValueError
+
+    try:
+        return JobSettings(
+            num_inference_steps=args.steps,
+            seed=args.seed,
+            text_guidance_scale=args.text_guidance,
+            reference_guidance_scale=args.reference_guidance,
+            reference_scale=args.reference_scale,
+            negative_prompt=args.negative_prompt,
+            num=args.num,
+            resolution=args.resolution,
+            feather_radius=args.feather,
+            paste_product=not args.no_paste,
+            product_dilation=args.product_dilation,
+            max_pixels=args.max_pixels,
+        )
+    except ConfigValueError as error:
+        raise InvalidInputError(f"{SETTING_FLAGS.get(error.key, error.key)}: {error.problem}") from None
+
+
 def _jobs(args: argparse.Namespace):
+    import dataclasses
+
     from dreampainter.pipelines.jobs import GenerationJob, read_jobs
 
-    defaults = dict(
-        steps=args.steps,
-        seed=args.seed,
-        text_guidance=args.text_guidance,
-        reference_guidance=args.reference_guidance,
-        reference_scale=args.reference_scale,
-        num=args.num,
-        negative_prompt=args.negative_prompt,
-    )
-    settings = dict(
-        resolution=args.resolution,
-        feather_radius=args.feather,
-        paste_product=not args.no_paste,
-        product_dilation=args.product_dilation,
-        max_pixels=args.max_pixels,
-    )
+    settings = _settings(args)
     if args.batch:
         given = [name for name in ("image", "mask", "prompt", "reference") if getattr(args, name) is not None]
         if given:
             raise InvalidInputError(
                 f"--batch: cannot be combined with --{', --'.join(given)} (put them in the JSONL)"
             )
-        jobs = read_jobs(args.batch, {**defaults, "settings": settings})
+        jobs = read_jobs(args.batch, settings)
         if len(jobs) > 1 and args.out.lower().endswith((".png", ".jpg", ".jpeg", ".webp")):
             raise InvalidInputError(
                 f"--out: must be a folder for a batch of {len(jobs)} jobs, got {args.out}"
@@ -111,14 +141,8 @@ def _jobs(args: argparse.Namespace):
     for name in ("image", "prompt"):
         if getattr(args, name) is None:
             raise InvalidInputError(f"--{name}: required (or give --batch)")
-    job = GenerationJob(
-        image=args.image,
-        mask=args.mask,
-        prompt=args.prompt,
-        reference=args.reference,
-        settings=settings,
-        **defaults,
-    )
+    values = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
+    job = GenerationJob(image=args.image, mask=args.mask, prompt=args.prompt, reference=args.reference, **values)
     return [job.validate()]
 
 
@@ -126,12 +150,6 @@ def run(args: argparse.Namespace) -> int:
     from dreampainter.pipelines import DreamPainterPipeline
     from dreampainter.pipelines.jobs import check_job_inputs, run_jobs
 
-    if args.resolution is not None and args.resolution <= 0:
-        raise InvalidInputError(f"--resolution: must be a positive integer, got {args.resolution}")
-    if args.max_pixels is not None and args.max_pixels <= 0:
-        raise InvalidInputError(f"--max-pixels: must be a positive integer, got {args.max_pixels}")
-    if args.product_dilation < 0 or not args.feather >= 0:
-        raise InvalidInputError("--product-dilation and --feather: must be >= 0")
     jobs = _jobs(args)
     device, dtype = device_and_dtype(args.device, args.dtype)
     check_job_inputs(jobs)

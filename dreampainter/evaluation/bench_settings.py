@@ -3,12 +3,10 @@ checked saved pipeline folder (a missing weights file is named with how to get i
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,108 +14,86 @@ import torch
 
 from dreampainter.errors import CheckpointMismatchError, InvalidInputError, MissingFileError, require_file
 from dreampainter.evaluation.registry import EvaluationConfig
-from dreampainter.pipelines.image_processing import DEFAULT_FEATHER_RADIUS
+from dreampainter.pipelines.settings import GenerationSettings
+from dreampainter.utils.config import (
+    Choice,
+    ConfigValueError,
+    as_choice,
+    check_int,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+)
 
-CONTROLS = ("no_reference", "shuffled_reference")
+
+class Control(Choice):
+    """A control run beside the main one (see docs/evaluation.md)."""
+
+    no_reference = "no_reference"  # text only
+    shuffled_reference = "shuffled_reference"  # each sample shown another sample's reference
+
+
+CONTROLS = tuple(Control.values())
 
 
 @dataclass
-class BenchmarkSettings:
-    """How results are generated and reported (the ``benchmark`` section of an evaluation config)."""
+class BenchmarkSettings(GenerationSettings):
+    """How results are generated and reported (the ``benchmark`` section of an evaluation config).
 
-    steps: int = 30
-    seed: int = 0
+    The generation settings are :class:`GenerationSettings` (the pipeline's keyword names); ``seed``
+    is the base of every sample's own seed (``runner.sample_seed``).
+    """
+
     batch_size: int = 4
-    controls: list[str] = field(default_factory=lambda: list(CONTROLS))
+    controls: list[Control] = field(default_factory=lambda: list(Control))
     limit: int | None = None
-    text_guidance: float = 7.5
-    reference_guidance: float | None = None
-    reference_scale: float | None = None
-    negative_prompt: str | None = None
-    resolution: int | None = None
-    feather_radius: float = DEFAULT_FEATHER_RADIUS
-    product_dilation: int = 0
     save_images: bool = True
     contact_metric: str | None = None  # default: the first of CONTACT_METRICS that was measured
     contact_count: int = 4
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.controls, str) or not isinstance(self.controls, Sequence):
+            raise ConfigValueError("controls", f"must be a list, got {self.controls!r}")
+        try:
+            self.controls = [as_choice(name, Control, "controls") for name in self.controls]
+        except ConfigValueError as error:
+            raise ConfigValueError("controls", f"{error.problem} (or none: [])") from None
+        for name in ("batch_size", "contact_count"):
+            check_int(getattr(self, name), name, 1)
+        check_int(self.limit, "limit", 1, optional=True)
+
     @classmethod
     def from_dict(cls, mapping: Mapping[str, Any] | None) -> BenchmarkSettings:
-        """Build from a dict or OmegaConf node; unknown keys are errors naming the key."""
-        if mapping is None:
-            return cls().validate()
-        if not isinstance(mapping, dict):
-            from omegaconf import OmegaConf
-
-            mapping = OmegaConf.to_container(mapping, resolve=True)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(mapping) - known)
-        if unknown:
-            raise InvalidInputError(f"benchmark: unknown keys {unknown}; known: {sorted(known)}")
-        return cls(**mapping).validate()
-
-    def validate(self) -> BenchmarkSettings:
-        """Check every value; errors name the setting."""
-        self.controls = list(self.controls or [])
-        unknown = [name for name in self.controls if name not in CONTROLS]
-        if unknown:
-            raise InvalidInputError(f"controls: unknown {unknown}; choose from {list(CONTROLS)} (or none)")
-        for name in ("steps", "batch_size", "contact_count"):
-            _positive_int(getattr(self, name), name)
-        for name in ("limit", "resolution"):
-            if getattr(self, name) is not None:
-                _positive_int(getattr(self, name), name)
-        _non_negative_int(self.seed, "seed")
-        _non_negative_int(self.product_dilation, "product_dilation")
-        for name in ("text_guidance", "feather_radius", "reference_guidance", "reference_scale"):
-            value = getattr(self, name)
-            if value is None and name in ("reference_guidance", "reference_scale"):
-                continue  # None: the pipeline's default
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not math.isfinite(value)
-                or value < 0
-            ):
-                raise InvalidInputError(f"{name}: must be a finite number >= 0, got {value!r}")
-        return self
+        """From a dict or OmegaConf node, through the one config loader (errors name the key)."""
+        return config_from_dict(cls, mapping, "benchmark")
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain values (controls as strings), as written to ``metrics.json``."""
+        return config_to_dict(self)
 
 
-CONFIG_SECTIONS = ("evaluation", "benchmark")
+@dataclass
+class EvaluationFile:
+    """An evaluation YAML file: the ``evaluation`` (metrics) and ``benchmark`` (generation) sections."""
+
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    benchmark: BenchmarkSettings = field(default_factory=BenchmarkSettings)
+
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # Pipeline components that hold weights (the tokenizer and scheduler only hold configs).
 WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder", "reference_encoder")
 
 
-def load_evaluation_file(path: str | os.PathLike | None) -> tuple[EvaluationConfig, BenchmarkSettings]:
-    """Read an evaluation YAML (sections ``evaluation`` and ``benchmark``); None gives the defaults."""
-    if path is None:
-        return EvaluationConfig(), BenchmarkSettings()
-    from omegaconf import OmegaConf
-
-    require_file(path, "evaluation config", "see configs/eval_toy.yaml and docs/evaluation.md")
-    try:
-        loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    except Exception as error:  # YAML syntax errors come from several libraries
-        raise InvalidInputError(f"{path}: cannot read the YAML ({error})".replace("\n", " ")) from None
-    loaded = loaded or {}
-    if not isinstance(loaded, dict):
-        raise InvalidInputError(f"{path}: expected a mapping with sections {list(CONFIG_SECTIONS)}")
-    unknown = sorted(set(loaded) - set(CONFIG_SECTIONS))
-    if unknown:
-        raise InvalidInputError(f"{path}: unknown sections {unknown}; known: {list(CONFIG_SECTIONS)}")
-    try:
-        return (
-            EvaluationConfig.from_dict(loaded.get("evaluation")),
-            BenchmarkSettings.from_dict(loaded.get("benchmark")),
-        )
-    except TypeError as error:  # e.g. a section that is a list
-        raise InvalidInputError(f"{path}: {error}") from None
-    except InvalidInputError as error:
-        raise InvalidInputError(f"{path}: {error}") from None
+def load_evaluation_file(
+    path: str | os.PathLike | None, overrides: Sequence[str] = ()
+) -> tuple[EvaluationConfig, BenchmarkSettings]:
+    """Read an evaluation YAML (``base:`` chains and ``key=value`` overrides as for training); None: defaults."""
+    if path is not None:
+        require_file(path, "evaluation config", "see configs/eval_toy.yaml and docs/evaluation.md")
+    loaded = load_config(EvaluationFile, path, overrides)
+    return loaded.evaluation, loaded.benchmark
 
 
 def check_pipeline_folder(folder: str | os.PathLike) -> None:
@@ -163,19 +139,11 @@ def load_pipeline(
     return pipe.to(device)
 
 
-def _positive_int(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise InvalidInputError(f"{name}: must be a positive integer, got {value!r}")
-
-
-def _non_negative_int(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidInputError(f"{name}: must be an integer >= 0, got {value!r}")
-
-
 __all__ = [
     "CONTROLS",
     "BenchmarkSettings",
+    "Control",
+    "EvaluationFile",
     "check_pipeline_folder",
     "load_evaluation_file",
     "load_pipeline",

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from dreampainter.errors import (
     CheckpointMismatchError,
@@ -28,18 +28,69 @@ from dreampainter.errors import (
 from dreampainter.evaluation import backbones as bb
 from dreampainter.evaluation.base import Metric, Row
 from dreampainter.evaluation.batch import EvalBatch
+from dreampainter.utils.config import Choice, check_int, config_from_dict
 
 DEFAULT_METRICS = ("image_quality", "clip", "dino", "product", "lpips", "expansion", "colour")
 
-# "fid": torchmetrics' FID Inception-v3 weights; "torchscript": any scripted uint8 NCHW -> (N, D) extractor.
-INCEPTION_KINDS = ("fid", "torchscript")
-# backbone name -> (keys allowed in its config entry, default values)
-BACKBONE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "inception": {"path": None, "kind": "fid"},
-    "clip": {"path": None, "model": "ViT-L-14-quickgelu", "model_config": None},
-    "dino": {"path": None, "arch": "vit_small_patch16_224.dino", "model_kwargs": {}},
-    "lpips": {"path": None, "net": "alex"},
-}
+
+class InceptionKind(Choice):
+    fid = "fid"  # torchmetrics' FID Inception-v3 weights
+    torchscript = "torchscript"  # any scripted uint8 NCHW -> (N, D) extractor
+
+
+INCEPTION_KINDS = tuple(InceptionKind.values())
+
+
+@dataclass
+class InceptionEntry:
+    """``evaluation.backbones.inception``; a plain path is short for ``{path: ...}``."""
+
+    SHORTHAND_KEY: ClassVar[str] = "path"
+
+    path: str | None = None
+    kind: InceptionKind = InceptionKind.fid
+
+
+@dataclass
+class ClipEntry:
+    """``evaluation.backbones.clip``: an open_clip model name (and JSON config for custom ones) and weights."""
+
+    SHORTHAND_KEY: ClassVar[str] = "path"
+
+    path: str | None = None
+    model: str = "ViT-L-14-quickgelu"
+    model_config: str | None = None
+
+
+@dataclass
+class DinoEntry:
+    """``evaluation.backbones.dino``: a timm architecture, weights, extra ``timm.create_model`` arguments."""
+
+    SHORTHAND_KEY: ClassVar[str] = "path"
+
+    path: str | None = None
+    arch: str = "vit_small_patch16_224.dino"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LpipsEntry:
+    """``evaluation.backbones.lpips``: the torchvision trunk (``alex`` or ``vgg``) and its weights."""
+
+    SHORTHAND_KEY: ClassVar[str] = "path"
+
+    path: str | None = None
+    net: str = "alex"
+
+
+@dataclass
+class BackboneEntries:
+    """Where each metric backbone's weights are (``evaluation.backbones``)."""
+
+    inception: InceptionEntry = field(default_factory=InceptionEntry)
+    clip: ClipEntry = field(default_factory=ClipEntry)
+    dino: DinoEntry = field(default_factory=DinoEntry)
+    lpips: LpipsEntry = field(default_factory=LpipsEntry)
 
 
 @dataclass
@@ -47,7 +98,7 @@ class EvaluationConfig:
     """The ``evaluation`` section of a config (see docs/evaluation.md)."""
 
     metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
-    backbones: dict[str, dict[str, Any]] = field(default_factory=dict)
+    backbones: BackboneEntries = field(default_factory=BackboneEntries)
     split: str = "benchmark"
     feature_cache: str | None = None
     device: str = "cpu"
@@ -60,43 +111,18 @@ class EvaluationConfig:
     expansion_threshold: float = 0.01
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "kid_subsets", "kid_subset_size"):
+            check_int(getattr(self, name), name, 1)
+
     @classmethod
     def from_dict(cls, mapping: Mapping[str, Any] | None) -> EvaluationConfig:
-        """Build from a plain dict or an OmegaConf node; unknown keys are errors naming the key."""
-        if mapping is None:
-            return cls()
-        if not isinstance(mapping, dict):
-            from omegaconf import OmegaConf
+        """From a plain dict or an OmegaConf node, through the one config loader (errors name the key)."""
+        return config_from_dict(cls, mapping, "evaluation")
 
-            mapping = OmegaConf.to_container(mapping, resolve=True)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(mapping) - known)
-        if unknown:
-            raise InvalidInputError(f"evaluation: unknown keys {unknown}; known: {sorted(known)}")
-        config = cls(**{k: v for k, v in mapping.items() if k != "backbones"})
-        config.metrics = list(config.metrics)
-        for name, entry in (mapping.get("backbones") or {}).items():
-            config.backbones[name] = normalise_backbone_entry(name, entry)
-        return config
-
-    def backbone(self, name: str) -> dict[str, Any]:
-        return self.backbones.get(name) or dict(BACKBONE_DEFAULTS[name])
-
-
-def normalise_backbone_entry(name: str, entry: Any) -> dict[str, Any]:
-    """``"path"`` or ``{path: ..., model: ...}`` -> a full entry with defaults."""
-    if name not in BACKBONE_DEFAULTS:
-        raise InvalidInputError(
-            f"evaluation.backbones: unknown backbone {name!r}; known: {sorted(BACKBONE_DEFAULTS)}"
-        )
-    if entry is None or isinstance(entry, str):
-        entry = {"path": entry}
-    unknown = sorted(set(entry) - set(BACKBONE_DEFAULTS[name]))
-    if unknown:
-        raise InvalidInputError(
-            f"evaluation.backbones.{name}: unknown keys {unknown}; known: {sorted(BACKBONE_DEFAULTS[name])}"
-        )
-    return {**BACKBONE_DEFAULTS[name], **entry}
+    def backbone(self, name: str) -> InceptionEntry | ClipEntry | DinoEntry | LpipsEntry:
+        """The entry of backbone ``name`` (``inception``, ``clip``, ``dino`` or ``lpips``)."""
+        return getattr(self.backbones, name)
 
 
 class Backbones:
@@ -128,26 +154,21 @@ class Backbones:
 
     def _load(self, name: str) -> Any:
         entry = self.config.backbone(name)
-        if name == "inception" and entry["kind"] not in INCEPTION_KINDS:
-            hint = " (the toy extractor is now a TorchScript file: see dreampainter.toy.backbones)" * (entry["kind"] == "tiny")
-            raise InvalidInputError(
-                f"evaluation.backbones.inception.kind: expected one of {INCEPTION_KINDS}, got {entry['kind']!r}{hint}"
-            )
-        if not entry.get("path"):
+        if not entry.path:
             raise MissingFileError(
                 f"no weights configured for the {name} backbone: set evaluation.backbones.{name}.path "
                 f"({self._hints[name]})"
             )
         device = self.config.device
-        if name == "inception":
-            if entry["kind"] == "torchscript":
-                return bb.load_torchscript_features(entry["path"], device)
-            return bb.load_inception(entry["path"], device)
-        if name == "clip":
-            return bb.load_clip(entry["model"], entry["path"], device, model_config=entry["model_config"])
-        if name == "dino":
-            return bb.load_dino(entry["arch"], entry["path"], device, entry.get("model_kwargs") or {})
-        return bb.load_lpips(entry["net"], entry["path"], device)
+        if isinstance(entry, InceptionEntry):
+            if entry.kind == InceptionKind.torchscript:
+                return bb.load_torchscript_features(entry.path, device)
+            return bb.load_inception(entry.path, device)
+        if isinstance(entry, ClipEntry):
+            return bb.load_clip(entry.model, entry.path, device, model_config=entry.model_config)
+        if isinstance(entry, DinoEntry):
+            return bb.load_dino(entry.arch, entry.path, device, entry.model_kwargs or {})
+        return bb.load_lpips(entry.net, entry.path, device)
 
 
 @dataclass(frozen=True)
@@ -351,8 +372,14 @@ def build_suite(
 __all__ = [
     "DEFAULT_METRICS",
     "METRICS",
+    "BackboneEntries",
     "Backbones",
+    "ClipEntry",
+    "DinoEntry",
     "EvaluationConfig",
+    "InceptionEntry",
+    "InceptionKind",
+    "LpipsEntry",
     "MetricSpec",
     "MetricSuite",
     "build_suite",

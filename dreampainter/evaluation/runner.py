@@ -3,7 +3,7 @@
 ```python
 pipe = DreamPainterPipeline.from_pretrained(folder).to(device)
 report = run_benchmark(pipe, "bench/", "eval_out/", EvaluationConfig.from_dict(cfg.evaluation),
-                       BenchmarkSettings(steps=30, seed=0))
+                       BenchmarkSettings(num_inference_steps=30, seed=0))
 ```
 
 - **Seeds**: sample ``key`` is generated with ``torch.Generator().manual_seed(sample_seed(seed, key))``
@@ -57,6 +57,7 @@ from dreampainter.evaluation.bench_settings import (
 from dreampainter.evaluation.registry import EvaluationConfig, MetricSuite, build_suite
 from dreampainter.evaluation.report import write_report
 from dreampainter.evaluation.runs import MAIN_RUN, image_path
+from dreampainter.pipelines.settings import GenerationSettings
 
 
 def sample_seed(seed: int, key: str) -> int:
@@ -116,7 +117,7 @@ def generate_batch(
     pipe: Any,
     samples: list[BenchSample],
     references: list[Any] | None,
-    settings: BenchmarkSettings,
+    settings: GenerationSettings,
 ) -> Generated:
     """Generate ``samples`` (one image each, per-sample seeds); ``references`` None for text only.
 
@@ -132,14 +133,8 @@ def generate_batch(
         image=[s.photo for s in samples],
         product_mask=[s.product_mask for s in samples],
         reference_image=references,
-        negative_prompt=settings.negative_prompt,
-        text_guidance_scale=settings.text_guidance,
-        reference_guidance_scale=settings.reference_guidance,
-        reference_scale=settings.reference_scale,
-        num_inference_steps=settings.steps,
         generator=generators,
-        resolution=settings.resolution,
-        product_dilation=settings.product_dilation,
+        **settings.pipeline_kwargs(),
         paste_product=False,
         output_type="np",
     )
@@ -340,7 +335,7 @@ def run_benchmark(
 
     group = group or ProcessGroup(device=getattr(pipe, "device", torch.device("cpu")))
     config = config or EvaluationConfig()
-    settings = (settings or BenchmarkSettings()).validate()
+    settings = settings or BenchmarkSettings()
     out = Path(out)
     started = time.perf_counter()
 

@@ -18,10 +18,9 @@ wrap one module and ``unet.parameters()`` includes the adapter.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -32,21 +31,33 @@ from dreampainter.errors import InvalidInputError
 from dreampainter.models.attention import DecoupledCrossAttnProcessor
 from dreampainter.models.block_scales import expand_block_scales
 from dreampainter.models.projection import LinearProjection, ReferenceProjection, Resampler
+from dreampainter.utils.config import Choice, check_int, coerce_choices, config_from_dict, config_to_dict
 
-PROJECTIONS = ("linear", "resampler")
 ADAPTER_KEY_MARKERS = ("encoder_hid_proj.", ".processor.to_k_ref.", ".processor.to_v_ref.")
+
+
+class Projection(Choice):
+    linear = "linear"  # the encoder's global embedding -> num_tokens tokens (IP-Adapter)
+    resampler = "resampler"  # a perceiver over the penultimate tokens (IP-Adapter Plus)
+
+
+PROJECTIONS = tuple(Projection.values())
 
 
 @dataclass
 class AdapterConfig:
-    """What the reference adapter looks like.
+    """What the reference adapter looks like (the schema of ``model.adapter`` and ``adapter_config.json``).
 
     ``image_embed_dim`` is the encoder's global-embedding size for ``"linear"`` (1024 for ViT-H-14)
     and its hidden size for ``"resampler"`` (1280 for ViT-H-14). The public IP-Adapter SD1.5 files
     are ``linear`` with 4 tokens and ``resampler`` with 16 tokens, depth 4, 12 heads of 64.
     """
 
-    projection: str = "linear"
+    POSITIVE_FIELDS: ClassVar[tuple[str, ...]] = (
+        "image_embed_dim", "num_tokens", "resampler_depth", "resampler_heads", "resampler_dim_head"
+    )
+
+    projection: Projection = Projection.linear
     image_embed_dim: int = 1024
     num_tokens: int = 4
     scale: float = 1.0
@@ -57,27 +68,23 @@ class AdapterConfig:
     resampler_ff_mult: int = 4
 
     def __post_init__(self) -> None:
-        if self.projection not in PROJECTIONS:
-            raise InvalidInputError(f"adapter projection must be one of {PROJECTIONS}, got {self.projection!r}")
-        for name in ("image_embed_dim", "num_tokens", "resampler_depth", "resampler_heads", "resampler_dim_head"):
-            if int(getattr(self, name)) <= 0:
-                raise InvalidInputError(f"adapter {name} must be positive, got {getattr(self, name)}")
+        coerce_choices(self)
+        for name in self.POSITIVE_FIELDS:
+            check_int(getattr(self, name), name, 1)
 
     @property
     def feature_type(self) -> str:
         """``"global"`` (B, D) embeddings or ``"tokens"`` (B, T, C) penultimate hidden states."""
-        return "global" if self.projection == "linear" else "tokens"
+        return "global" if self.projection == Projection.linear else "tokens"
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain values (the projection as its string), as written to ``adapter_config.json``."""
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "adapter config") -> AdapterConfig:
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InvalidInputError(f"{source}: unknown adapter config key(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        """From a mapping, through the one config loader (unknown keys and bad values name ``source``)."""
+        return config_from_dict(cls, data, source)
 
 
 def _cross_attention_dim(unet: UNet2DConditionModel) -> int:
@@ -89,7 +96,7 @@ def _cross_attention_dim(unet: UNet2DConditionModel) -> int:
 
 def build_projection(config: AdapterConfig, cross_attention_dim: int) -> ReferenceProjection:
     """The projection module described by ``config`` for a UNet with ``cross_attention_dim``."""
-    if config.projection == "linear":
+    if config.projection == Projection.linear:
         return LinearProjection(config.image_embed_dim, cross_attention_dim, config.num_tokens)
     return Resampler(
         embedding_dim=config.image_embed_dim,

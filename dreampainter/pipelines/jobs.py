@@ -8,67 +8,68 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
 from dreampainter.errors import InvalidInputError, MissingFileError
-from dreampainter.pipelines.guidance import check_guidance_scale
 from dreampainter.pipelines.image_processing import (
     ProductInput,
     prepare_product_input,
     to_pil_image,
 )
+from dreampainter.pipelines.settings import GenerationSettings
+from dreampainter.utils.config import check_int, config_from_dict, config_to_dict
 from dreampainter.utils.grid import image_grid
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 @dataclass
-class GenerationJob:
-    """One generation request; paths are files, numbers are checked by :meth:`validate`."""
+class JobSettings(GenerationSettings):
+    """What every job of a ``dreampainter generate`` call shares unless its JSONL line says otherwise."""
+
+    num: int = 1  # images per job (num_images_per_prompt)
+    paste_product: bool = True
+    max_pixels: int | None = None  # refuse input images above this many pixels
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int(self.num, "num", 1)
+        check_int(self.max_pixels, "max_pixels", 1, optional=True)
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        return {
+            **super().pipeline_kwargs(),
+            "num_images_per_prompt": self.num,
+            "paste_product": self.paste_product,
+            "max_pixels": self.max_pixels,
+        }
+
+
+@dataclass(kw_only=True)
+class GenerationJob(JobSettings):
+    """One generation request (one JSONL line): input files, prompt, and the generation settings.
+
+    Numbers are checked on construction; :meth:`validate` checks that the files exist.
+    """
 
     image: str
     prompt: str
     mask: str | None = None
     reference: str | None = None
-    negative_prompt: str | None = None
-    steps: int = 30
-    seed: int = 0
-    text_guidance: float = 7.5
-    reference_guidance: float | None = None
-    reference_scale: float | None = None
-    num: int = 1
     name: str | None = None
-    settings: dict = field(
-        default_factory=dict
-    )  # pipeline keywords shared by all jobs (resolution, feather, ...)
 
     def validate(self, where: str = "") -> GenerationJob:
-        """Check files exist and numbers are sane; raise a one-line error prefixed with ``where``."""
+        """Check the files exist; raise a one-line error prefixed with ``where``."""
         prefix = f"{where}: " if where else ""
-        if not isinstance(self.prompt, str):
-            raise InvalidInputError(f"{prefix}prompt: must be a string, got {self.prompt!r}")
         for label, path in (("image", self.image), ("mask", self.mask), ("reference", self.reference)):
             if path is not None and not os.path.isfile(path):
                 raise MissingFileError(f"{prefix}{label}: file not found: {path}")
-        for label in ("steps", "num"):
-            value = getattr(self, label)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise InvalidInputError(f"{prefix}{label}: must be a positive integer, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise InvalidInputError(f"{prefix}seed: must be an integer, got {self.seed!r}")
-        try:
-            check_guidance_scale(self.text_guidance, "text guidance")
-            if self.reference_guidance is not None:
-                check_guidance_scale(self.reference_guidance, "reference guidance")
-            if self.reference_scale is not None:
-                check_guidance_scale(self.reference_scale, "reference scale")
-        except InvalidInputError as error:
-            raise InvalidInputError(f"{prefix}{error}") from None
         return self
 
     @property
@@ -76,12 +77,12 @@ class GenerationJob:
         return self.name or Path(self.image).stem
 
 
-def read_jobs(path: str | os.PathLike, defaults: dict | None = None) -> list[GenerationJob]:
+def read_jobs(path: str | os.PathLike, defaults: JobSettings | None = None) -> list[GenerationJob]:
     """Jobs from a JSONL file; relative paths are relative to the file; ``defaults`` fill missing keys."""
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"--batch: file not found: {path}")
-    known = {f.name for f in fields(GenerationJob)} - {"settings"}
+    shared = config_to_dict(defaults or JobSettings())
     jobs = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -93,16 +94,10 @@ def read_jobs(path: str | os.PathLike, defaults: dict | None = None) -> list[Gen
             raise InvalidInputError(f"{where}: invalid JSON ({error.msg})") from None
         if not isinstance(record, dict):
             raise InvalidInputError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        unknown = sorted(set(record) - known)
-        if unknown:
-            raise InvalidInputError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
-        missing = [key for key in ("image", "prompt") if key not in record]
-        if missing:
-            raise InvalidInputError(f"{where}: missing key(s) {missing}")
         for key in ("image", "mask", "reference"):
-            if record.get(key) is not None:
+            if isinstance(record.get(key), str):
                 record[key] = str(path.parent / record[key])
-        jobs.append(GenerationJob(**{**(defaults or {}), **record}).validate(where))
+        jobs.append(config_from_dict(GenerationJob, {**shared, **record}, where).validate(where))
     if not jobs:
         raise InvalidInputError(f"{path}: no jobs in the file")
     names = [job.stem for job in jobs]
@@ -125,7 +120,7 @@ def output_paths(out: str | os.PathLike, stem: str, num: int) -> tuple[list[Path
 
 def load_job_inputs(job: GenerationJob) -> tuple[ProductInput, Image.Image | None]:
     """Decode and check the job's photo, mask and reference (errors name the files)."""
-    max_pixels = job.settings.get("max_pixels")
+    max_pixels = job.max_pixels
     product = prepare_product_input(
         job.image, job.mask, name=job.image, mask_name=job.mask or "mask", max_pixels=max_pixels
     )
@@ -145,7 +140,6 @@ def run_job(
     pipe, job: GenerationJob, out: str | os.PathLike, device: torch.device | str = "cpu"
 ) -> list[Path]:
     """Generate ``job`` with ``pipe``; save the results and a grid (input, mask, reference, results)."""
-    settings = dict(job.settings)
     product, reference = load_job_inputs(job)
     generator = torch.Generator(device=device).manual_seed(job.seed)
     output = pipe(
@@ -153,14 +147,8 @@ def run_job(
         image=product.image,
         product_mask=product.product_mask,
         reference_image=reference,
-        negative_prompt=job.negative_prompt,
-        text_guidance_scale=job.text_guidance,
-        reference_guidance_scale=job.reference_guidance,
-        reference_scale=job.reference_scale,
-        num_inference_steps=job.steps,
-        num_images_per_prompt=job.num,
         generator=generator,
-        **settings,
+        **job.pipeline_kwargs(),
     )
     results, grid_path = output_paths(out, job.stem, job.num)
     grid_path.parent.mkdir(parents=True, exist_ok=True)

@@ -28,27 +28,35 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from dreampainter.errors import MissingFileError
+from dreampainter.pipelines.settings import GenerationSettings
 from dreampainter.utils.grid import image_grid
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # package data: works from a wheel too
 
 
+def _demo_generation() -> GenerationSettings:
+    return GenerationSettings(num_inference_steps=10, text_guidance_scale=3.0)
+
+
 @dataclass
 class DemoSettings:
-    """What the demo does; ``quick()`` is the shortened version the test suite runs."""
+    """What the demo does; ``quick()`` is the shortened version the test suite runs.
+
+    ``seed`` drives the toy data, the base model, training and the shuffles; ``generation.seed`` the
+    evaluation's generators (``dreampainter demo --seed`` sets both).
+    """
 
     out_dir: Path = Path("outputs/demo")
     seed: int = 0
     num_toy: int = 3000
-    resolution: int = 32
+    resolution: int = 32  # toy image side (also the training resolution)
     vae_steps: int = 300
     text_steps: int = 400  # fitting the tiny text encoder (dreampainter.toy.text_fit)
     stage1_steps: int = 900
     stage2_steps: int = 800
     batch_size: int = 32
     eval_samples: int = 48
-    inference_steps: int = 10
-    text_guidance_scale: float = 3.0
+    generation: GenerationSettings = field(default_factory=_demo_generation)  # the evaluation's
     overrides: list[str] = field(default_factory=list)  # extra key=value for both stages
 
     @classmethod
@@ -61,7 +69,8 @@ class DemoSettings:
     def quick(cls, out_dir: Path) -> DemoSettings:
         """Every step, a few iterations each: seconds; shows that the demo runs, not that it learns."""
         return cls(out_dir=Path(out_dir), num_toy=200, vae_steps=30, text_steps=20, stage1_steps=6, stage2_steps=6,
-                   batch_size=8, eval_samples=6, inference_steps=3)
+                   batch_size=8, eval_samples=6,
+                   generation=GenerationSettings(num_inference_steps=3, text_guidance_scale=3.0))
 
 
 def sign_test_p(wins: int, n: int) -> float:
@@ -196,7 +205,7 @@ def evaluate_demo(pipeline_dir: Path, bench: Path, out: Path, settings: DemoSett
     from dreampainter.evaluation.colour import background_distances
     from dreampainter.evaluation.product import psnr_in_region
     from dreampainter.pipelines import DreamPainterPipeline
-    from dreampainter.pipelines.image_processing import DEFAULT_FEATHER_RADIUS, composite, feathered_alpha
+    from dreampainter.pipelines.image_processing import composite, feathered_alpha
 
     pipe = DreamPainterPipeline.from_pretrained(str(pipeline_dir))
     pipe.set_progress_bar_config(disable=True)
@@ -205,11 +214,13 @@ def evaluate_demo(pipeline_dir: Path, bench: Path, out: Path, settings: DemoSett
     offset = random.Random(settings.seed).randrange(1, len(samples)) if len(samples) > 1 else 0
     shuffled = [(i + offset) % len(samples) for i in range(len(samples))]
 
+    generation = settings.generation
+
     def generate(sample, prompt, reference, paste=True):
         return pipe(
             prompt=prompt, image=sample.photo, product_mask=sample.product_mask, reference_image=reference,
-            num_inference_steps=settings.inference_steps, text_guidance_scale=settings.text_guidance_scale,
-            generator=torch.Generator().manual_seed(settings.seed), paste_product=paste, output_type="np",
+            generator=torch.Generator().manual_seed(generation.seed), paste_product=paste, output_type="np",
+            **generation.pipeline_kwargs(),
         ).images[0]
 
     names = ("true_reference", "shuffled_reference", "true_reference_with_prompt", "shuffled_reference_with_prompt",
@@ -223,7 +234,7 @@ def evaluate_demo(pipeline_dir: Path, bench: Path, out: Path, settings: DemoSett
         # One generation gives both the raw image (product PSNR) and, pasted back with the pipeline's
         # own compositing, the final result (as the evaluation runner does).
         raw = generate(sample, sample.prompt, sample.reference, paste=False)
-        alpha = feathered_alpha(sample.product_mask, DEFAULT_FEATHER_RADIUS)
+        alpha = feathered_alpha(sample.product_mask, generation.feather_radius)
         results = {
             "true_reference": generate(sample, "", sample.reference),
             "shuffled_reference": generate(sample, "", other.reference),

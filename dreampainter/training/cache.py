@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -51,6 +50,7 @@ from dreampainter.data.loading.buckets import bucket_batches
 from dreampainter.data.loading.loader import LoaderConfig, SkipCounter, build_dataloader
 from dreampainter.errors import InvalidInputError, MissingFileError
 from dreampainter.models import reference_features
+from dreampainter.training.config import TrainConfig
 from dreampainter.training.step import (
     StepInputs,
     condition_reference,
@@ -108,12 +108,10 @@ def components_fingerprint(parts, with_reference: bool) -> dict[str, str]:
 # --------------------------------------------------------------------------- writing
 
 
-def _cache_loader_config(config: DictConfig) -> LoaderConfig:
+def _cache_loader_config(config: TrainConfig) -> LoaderConfig:
     """The run's loader settings, in "every sample once" mode (order does not matter for a cache)."""
-    values = OmegaConf.to_container(config.data.loader, resolve=True)
-    loader_config = LoaderConfig.from_dict(values)
     return dataclasses.replace(
-        loader_config, epoch_mode="exact", drop_last=False, shuffle_buffer=0, resampled=False, samples_per_epoch=None
+        config.data.loader, epoch_mode="exact", drop_last=False, shuffle_buffer=0, resampled=False, samples_per_epoch=None
     )
 
 
@@ -166,7 +164,7 @@ class _ChunkWriter:
 
 
 def cache_latents(
-    config: DictConfig, out_dir: str | os.PathLike, *, dtype: str = "float32", chunk_size: int = 256,
+    config: TrainConfig, out_dir: str | os.PathLike, *, dtype: str = "float32", chunk_size: int = 256,
     batch_size: int | None = None, progress: bool = True,
 ) -> Path:
     """Encode ``config.data.train`` once into a latent cache in ``out_dir``; returns the index path.
@@ -457,7 +455,7 @@ def cached_step_inputs(batch: Mapping[str, Any], stage: int, device) -> StepInpu
     )
 
 
-def open_latent_cache(config: DictConfig, parts, loader_config: LoaderConfig) -> LatentCache:
+def open_latent_cache(config: TrainConfig, parts, loader_config: LoaderConfig) -> LatentCache:
     """``config.data.cache`` opened and checked against this run's components (raises when stale)."""
     cache = LatentCache(config.data.cache)
     cache.check_compatible(parts, config.run.stage)

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from omegaconf import DictConfig
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from dreampainter.errors import InvalidInputError, MissingFileError, require_file
@@ -22,6 +21,7 @@ from dreampainter.models import (
     install_reference_adapter,
     load_adapter,
 )
+from dreampainter.training.config import EncoderBackend, TrainConfig
 
 SD_HINT = (
     "download a Stable-Diffusion-1.5 inpainting model in diffusers format (e.g. "
@@ -47,7 +47,7 @@ def _require_component(folder: Path, name: str, filename: str) -> Path:
     return folder / name
 
 
-def load_reference_encoder(config: DictConfig, folder: Path) -> ReferenceEncoder:
+def load_reference_encoder(config: TrainConfig, folder: Path) -> ReferenceEncoder:
     """The pipeline folder's own encoder if it has one, else the one ``model.reference_encoder`` names."""
     if (folder / ENCODER_SUBFOLDER / "config.json").exists():
         return ReferenceEncoder.from_pretrained(str(folder / ENCODER_SUBFOLDER))
@@ -58,18 +58,19 @@ def load_reference_encoder(config: DictConfig, folder: Path) -> ReferenceEncoder
             "(laion/CLIP-ViT-H-14-laion2B-s32B-b79K, open_clip_pytorch_model.bin) or a CLIPVisionModelWithProjection "
             "folder (h94/IP-Adapter models/image_encoder) and point the config at it"
         )
-    if section.backend == "open_clip":
-        return ReferenceEncoder.from_open_clip(section.model_name, section.path, resize_mode=section.resize_mode)
-    return ReferenceEncoder.from_transformers(section.path, resize_mode=section.resize_mode)
+    resize_mode = str(section.resize_mode)
+    if section.backend == EncoderBackend.open_clip:
+        return ReferenceEncoder.from_open_clip(section.model_name, section.path, resize_mode=resize_mode)
+    return ReferenceEncoder.from_transformers(section.path, resize_mode=resize_mode)
 
 
-def adapter_config_from(config: DictConfig, encoder: ReferenceEncoder) -> AdapterConfig:
-    section = {k: v for k, v in dict(config.model.adapter).items() if k != "init_from"}
-    probe = AdapterConfig(projection=section["projection"])
-    return AdapterConfig(**section, image_embed_dim=encoder.feature_dim(probe.feature_type))
+def adapter_config_from(config: TrainConfig, encoder: ReferenceEncoder) -> AdapterConfig:
+    """``model.adapter`` as the model's :class:`AdapterConfig`, sized for ``encoder``'s features."""
+    section = config.model.adapter
+    return section.adapter_config(image_embed_dim=encoder.feature_dim(section.feature_type))
 
 
-def attach_adapter(config: DictConfig, unet: UNet2DConditionModel, encoder: ReferenceEncoder, folder: Path) -> None:
+def attach_adapter(config: TrainConfig, unet: UNet2DConditionModel, encoder: ReferenceEncoder, folder: Path) -> None:
     """Stage 2: continue the folder's adapter, or initialise from ``adapter.init_from``, or start fresh."""
     init_from = config.model.adapter.init_from
     if (folder / ADAPTER_SUBFOLDER).exists() and not init_from:
@@ -87,7 +88,7 @@ def attach_adapter(config: DictConfig, unet: UNet2DConditionModel, encoder: Refe
         raise InvalidInputError(f"model.adapter.init_from: {source} is neither an adapter folder nor a .bin/.safetensors file")
 
 
-def load_components(config: DictConfig) -> TrainingComponents:
+def load_components(config: TrainConfig) -> TrainingComponents:
     if not config.model.pretrained:
         raise InvalidInputError(f"config model.pretrained is not set ({SD_HINT})")
     folder = Path(config.model.pretrained)

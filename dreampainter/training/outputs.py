@@ -9,11 +9,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from diffusers import SchedulerMixin
-from omegaconf import DictConfig
 
 from dreampainter.errors import InvalidInputError
 from dreampainter.models import export_ip_adapter, has_reference_adapter, save_adapter
 from dreampainter.training.components import TrainingComponents
+from dreampainter.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def _is_half(module) -> bool:
     return module is not None and any(p.dtype in (torch.float16, torch.bfloat16) for p in module.parameters())
 
 
-def _restore_frozen_precision(config: DictConfig, parts: TrainingComponents, unet) -> TrainingComponents:
+def _restore_frozen_precision(config: TrainConfig, parts: TrainingComponents, unet) -> TrainingComponents:
     """fp16/bf16 runs cast the frozen weights (VAE, text and image encoders, the frozen UNet) to half precision
     for speed; the saved pipeline must hold the originals, not rounded copies. Reload them from
     ``model.pretrained`` in float32: the encoders whole, and every frozen half-precision UNet parameter by name
@@ -94,7 +94,7 @@ def _restore_frozen_precision(config: DictConfig, parts: TrainingComponents, une
     )
 
 
-def save_outputs(config: DictConfig, accelerator: Accelerator, parts: TrainingComponents, unet, ema, trainable, output_dir: Path):
+def save_outputs(config: TrainConfig, accelerator: Accelerator, parts: TrainingComponents, unet, ema, trainable, output_dir: Path):
     """Final weights (EMA when enabled) -> ``pipeline/``, ``adapter/``, ``ip_adapter.safetensors``, ``lora/``."""
     accelerator.wait_for_everyone()
     _restore_master_weights(accelerator, trainable)

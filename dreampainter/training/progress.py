@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 
 from accelerate import Accelerator
-from omegaconf import DictConfig
 from tqdm.auto import tqdm
+
+from dreampainter.training.config import TrainConfig
 
 
 class ProgressLog:
@@ -14,7 +15,7 @@ class ProgressLog:
     last one, ``loss``, ``lr``, ``samples_per_s`` (since the previous log), ``skipped_steps`` and
     ``skipped_samples`` to ``accelerator.log``."""
 
-    def __init__(self, accelerator: Accelerator, config: DictConfig, initial_step: int):
+    def __init__(self, accelerator: Accelerator, config: TrainConfig, initial_step: int):
         self.accelerator = accelerator
         self.every_steps, self.max_steps = config.logging.every_steps, config.train.max_steps
         self.bar = tqdm(

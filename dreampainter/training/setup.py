@@ -22,12 +22,11 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from omegaconf import DictConfig
 
 from dreampainter.errors import InvalidInputError
 from dreampainter.models import adapter_parameters, cast_frozen_unet
 from dreampainter.training.components import TrainingComponents
-from dreampainter.training.config import unet_training_mode
+from dreampainter.training.config import TrainConfig, unet_training_mode
 from dreampainter.utils import use_cpu
 
 logger = logging.getLogger(__name__)
@@ -39,7 +38,7 @@ SHARDED_PARAMS_UNSUPPORTED = (
 )
 
 
-def build_accelerator(config: DictConfig, output_dir: Path) -> Accelerator:
+def build_accelerator(config: TrainConfig, output_dir: Path) -> Accelerator:
     """The run's ``Accelerator``: device and process group, accumulation, precision, trackers, DeepSpeed.
 
     Refuses FSDP and DeepSpeed ZeRO-3 (they shard the weights, which the loop does not support).
@@ -77,7 +76,7 @@ def _device_kwargs() -> dict:
     return {"cpu": True}
 
 
-def _configure_deepspeed(accelerator: Accelerator, config: DictConfig) -> None:
+def _configure_deepspeed(accelerator: Accelerator, config: TrainConfig) -> None:
     """The training config, not the DeepSpeed section of the launch config, sets batch, accumulation, clipping.
 
     The loader is not passed through ``prepare``, so DeepSpeed cannot read the batch size from it.
@@ -94,7 +93,7 @@ def _configure_deepspeed(accelerator: Accelerator, config: DictConfig) -> None:
     )
 
 
-def _trackers(config: DictConfig) -> str | None:
+def _trackers(config: TrainConfig) -> str | None:
     """The tracker ``logging.report_to`` asks for, falling back to tensorboard, then to none, when not installed."""
     report_to = config.logging.report_to
     if report_to == "wandb" and config.logging.wandb_mode == "disabled":
@@ -114,7 +113,7 @@ def _trackers(config: DictConfig) -> str | None:
     return None if report_to == "none" else report_to
 
 
-def mark_trainable(config: DictConfig, parts: TrainingComponents) -> list[torch.nn.Parameter]:
+def mark_trainable(config: TrainConfig, parts: TrainingComponents) -> list[torch.nn.Parameter]:
     """Freeze everything, then enable what this stage trains; returns the trainable parameters.
 
     Stage 1: the whole UNet (``full``) or LoRA layers added here (``lora``). Stage 2: the reference
@@ -149,7 +148,7 @@ def mark_trainable(config: DictConfig, parts: TrainingComponents) -> list[torch.
 
 
 def place_components(
-    config: DictConfig, parts: TrainingComponents, device: torch.device, weight_dtype: torch.dtype
+    config: TrainConfig, parts: TrainingComponents, device: torch.device, weight_dtype: torch.dtype
 ) -> torch.nn.Module:
     """Frozen encoders to ``device`` in ``weight_dtype`` (eval mode); the UNet to ``device`` with its frozen
     weights cast (trainable ones stay fp32) and gradient checkpointing as configured. Returns the UNet."""
@@ -163,7 +162,7 @@ def place_components(
     return unet
 
 
-def build_optimizer(config: DictConfig, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(config: TrainConfig, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
     """AdamW over ``params`` as ``config.optim`` says; 8-bit (bitsandbytes) when asked or, on ``auto``, on CUDA."""
     optim = config.optim
     kwargs = dict(lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay, eps=optim.eps)
@@ -180,7 +179,7 @@ def build_optimizer(config: DictConfig, params: list[torch.nn.Parameter], device
 
 
 def build_lr_scheduler(
-    config: DictConfig, optimizer: torch.optim.Optimizer, num_processes: int
+    config: TrainConfig, optimizer: torch.optim.Optimizer, num_processes: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """``optim.lr_scheduler`` with warm-up, in optimizer steps.
 
@@ -195,7 +194,7 @@ def build_lr_scheduler(
     )
 
 
-def build_ema(config: DictConfig, params: list[torch.nn.Parameter], device: torch.device) -> EMAModel | None:
+def build_ema(config: TrainConfig, params: list[torch.nn.Parameter], device: torch.device) -> EMAModel | None:
     """An exponential moving average of ``params`` on ``device`` when ``train.ema.enabled``, else ``None``."""
     if not config.train.ema.enabled:
         return None

@@ -25,14 +25,13 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
-from omegaconf import DictConfig, OmegaConf
 
 from dreampainter.data.loading.loader import DreamEcomLoader, LoaderConfig, build_dataloader
 from dreampainter.training import checkpointing
 from dreampainter.training.cache import CachedLoader, LatentCache, open_latent_cache
 from dreampainter.training.checkpointing import TrainState
 from dreampainter.training.components import load_components
-from dreampainter.training.config import save_config
+from dreampainter.training.config import TrainConfig, save_config
 from dreampainter.training.inputs import prepare_inputs
 from dreampainter.training.outputs import save_outputs
 from dreampainter.training.progress import ProgressLog
@@ -48,6 +47,7 @@ from dreampainter.training.step import diffusion_loss, encode_prompts
 from dreampainter.training.update import TrainingStoppedError, train_step
 from dreampainter.training.validation import Validator
 from dreampainter.utils import atomic_write_json, mixed_precision_dtype
+from dreampainter.utils.config import config_to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def _rank_checksums(accelerator: Accelerator, params: list[torch.nn.Parameter]) 
     return [float(value) for value in accelerator.gather(checksum).cpu()]
 
 
-def _flat_hparams(config: DictConfig) -> dict:
+def _flat_hparams(config: TrainConfig) -> dict:
     """``{"optim.lr": 1e-4, ...}`` with scalar values only (what tensorboard's hparams accept)."""
     flat = {}
 
@@ -86,11 +86,11 @@ def _flat_hparams(config: DictConfig) -> dict:
             else:
                 flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
 
-    visit(OmegaConf.to_container(config, resolve=True), "")
+    visit(config_to_dict(config), "")
     return flat
 
 
-def train(config: DictConfig) -> TrainResult:
+def train(config: TrainConfig) -> TrainResult:
     """Run one training stage as ``config`` describes (see ``configs/`` and ``docs/training.md``)."""
     # Set up: the run folder, seeds, models, what trains, optimizer, schedule, EMA, the checkpointed state.
     started = time.perf_counter()
@@ -143,7 +143,7 @@ def train(config: DictConfig) -> TrainResult:
             )
 
     validation = Validator(config, parts, accelerator, output_dir)
-    loader_config = LoaderConfig.from_dict(OmegaConf.to_container(config.data.loader, resolve=True))
+    loader_config = config.data.loader
     latent_cache = open_latent_cache(config, parts, loader_config) if config.data.cache else None
     progress = ProgressLog(accelerator, config, state.global_step)
     losses: list[float] = []
@@ -201,7 +201,7 @@ def train(config: DictConfig) -> TrainResult:
 
 
 def epoch_loader(
-    config: DictConfig,
+    config: TrainConfig,
     loader_config: LoaderConfig,
     latent_cache: LatentCache | None,
     accelerator: Accelerator,

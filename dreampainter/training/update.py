@@ -11,10 +11,10 @@ from collections.abc import Callable
 
 import torch
 from accelerate import Accelerator
-from omegaconf import DictConfig
 
 from dreampainter.errors import DreamPainterError
 from dreampainter.training.checkpointing import TrainState
+from dreampainter.training.config import TrainConfig
 
 
 class TrainingStoppedError(DreamPainterError):
@@ -36,7 +36,7 @@ def train_step(
     compute_loss: Callable[[dict], torch.Tensor],
     batch: dict,
     state: TrainState,
-    config: DictConfig,
+    config: TrainConfig,
 ) -> torch.Tensor | None:
     """One micro-batch: ``compute_loss(batch)``, then backward, clipping (on sync steps) and the optimizer and
     LR-scheduler steps, all inside ``accelerator.accumulate``.

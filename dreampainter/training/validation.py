@@ -14,14 +14,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from omegaconf import DictConfig
 from PIL import Image
 
 from dreampainter.data.decode import load_image, load_mask
 from dreampainter.data.shards.format import find_photo_suffix, find_reference_suffix, parse_meta
 from dreampainter.data.shards.sources import open_shard, resolve_shards
 from dreampainter.data.shards.tar import iter_tar_samples
+from dreampainter.pipelines.settings import GenerationSettings
 from dreampainter.training.components import TrainingComponents
+from dreampainter.training.config import TrainConfig
 from dreampainter.training.outputs import build_pipeline
 from dreampainter.utils.grid import image_grid
 
@@ -57,22 +58,22 @@ def read_validation_samples(source: str, num: int) -> list[ValidationSample]:
 
 
 @torch.no_grad()
-def validation_grid(pipeline, samples: list[ValidationSample], config, prompts: list[str] | None = None) -> Image.Image:
-    """Generate one result per sample with the run's fixed seed and return the grid."""
+def validation_grid(
+    pipeline, samples: list[ValidationSample], config: GenerationSettings, prompts: list[str] | None = None
+) -> Image.Image:
+    """Generate one result per sample (seed ``config.seed + row``) with ``config``'s settings; the grid."""
     rows = []
     for i, sample in enumerate(samples):
         prompt = prompts[i % len(prompts)] if prompts else sample.prompt
-        generator = torch.Generator().manual_seed(int(config.seed) + i)
+        generator = torch.Generator().manual_seed(config.seed + i)
         reference = sample.reference if pipeline.has_reference_adapter else None
         result = pipeline(
             prompt=prompt,
             image=sample.photo,
             product_mask=sample.product_mask,
             reference_image=reference,
-            num_inference_steps=int(config.num_inference_steps),
-            text_guidance_scale=float(config.text_guidance_scale),
-            reference_guidance_scale=config.reference_guidance_scale,
             generator=generator,
+            **config.pipeline_kwargs(),
         ).images[0]
         mask = Image.fromarray(255 - sample.product_mask)  # the inpainting mask: white = repaint
         rows.append([sample.photo, mask, sample.reference, result])
@@ -92,7 +93,7 @@ def save_grid(grid: Image.Image, folder: str | Path, step: int) -> Path:
 class Validator:
     """Every ``validation.every_steps`` (and at the end), a grid on fixed samples, on the main process."""
 
-    def __init__(self, config: DictConfig, parts: TrainingComponents, accelerator: Accelerator, output_dir: Path):
+    def __init__(self, config: TrainConfig, parts: TrainingComponents, accelerator: Accelerator, output_dir: Path):
         self.config, self.parts, self.accelerator = config, parts, accelerator
         self.folder = output_dir / "validation"
         self.samples = None

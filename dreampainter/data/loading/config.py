@@ -1,78 +1,99 @@
-"""The loader's configuration: the ``data.loader`` section of a training config."""
+"""The loader's configuration: the ``data.loader`` section of a training config (a typed schema)."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from dreampainter.data.loading.augment import CLIP_MEAN, CLIP_STD, REFERENCE_MODES
+from dreampainter.data.loading.augment import CLIP_MEAN, CLIP_STD
 from dreampainter.data.loading.buckets import make_buckets
-from dreampainter.errors import InvalidInputError
+from dreampainter.utils.config import Choice, ConfigValueError, check_int, coerce_choices, config_from_dict
 
-LANGUAGES = ("en", "zh", "random")
-EPOCH_MODES = ("balanced", "exact")
+
+class Language(Choice):
+    en = "en"
+    zh = "zh"
+    random = "random"
+
+
+class ReferenceMode(Choice):
+    """How a reference image is brought to a square: ``pad`` (no distortion) or centre ``crop``."""
+
+    pad = "pad"
+    crop = "crop"
+
+
+class EpochMode(Choice):
+    balanced = "balanced"  # the same number of batches on every rank/worker
+    exact = "exact"  # every sample once
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_pair(value: Any) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2 and all(map(_is_int, value))
 
 
 @dataclass
 class LoaderConfig:
-    """Everything that shapes the samples and the epoch (the ``data`` section of a training config)."""
+    """Everything that shapes the samples and the epoch (the ``data.loader`` section of a training config).
 
-    resolution: int | tuple[int, int] = 512  # square side, or (height, width)
-    buckets: bool | Sequence[Sequence[int]] | None = None  # True: make_buckets(resolution); or (h, w) list
+    ``resolution``, ``buckets`` and ``mask_grow_px`` take either form below (checked in ``__post_init__``).
+    """
+
+    resolution: Any = 512  # int (square side) or [height, width]
+    buckets: Any = None  # null / false: off; true: make_buckets(resolution); or a list of [h, w]
     max_zoom: float = 1.0  # random zoom-in on top of the covering scale (the product always stays in)
     flip_prob: float = 0.5
     reference_size: int = 224
-    reference_mode: str = "pad"  # "pad" (no distortion) | "crop"
-    reference_mean: Sequence[float] = CLIP_MEAN
-    reference_std: Sequence[float] = CLIP_STD
+    reference_mode: ReferenceMode = ReferenceMode.pad
+    reference_mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))
+    reference_std: list[float] = field(default_factory=lambda: list(CLIP_STD))
     reference_aligned: bool = False  # the reference is the photo's own background: flip it with the photo
-    language: str = "en"  # "en" | "zh" | "random"
+    language: Language = Language.en
     p_drop_text: float = 0.05
     p_drop_reference: float = 0.05
     p_drop_both: float = 0.05
-    mask_grow_px: int | Sequence[int] = 0  # dilate (>0) / erode (<0) the product mask; (lo, hi): random
+    mask_grow_px: Any = 0  # int: dilate (>0) / erode (<0) the product mask; [lo, hi]: random in that range
     bbox_mask_prob: float = 0.0  # probability of using the product's bounding box as its mask
     shuffle_shards: bool = True
     shuffle_buffer: int = 1000  # encoded samples held per worker (~memory); 0 disables sample shuffling
     resampled: bool = False  # endless: shards drawn with replacement
-    epoch_mode: str = "balanced"  # "balanced": same number of batches on every rank/worker | "exact"
+    epoch_mode: EpochMode = EpochMode.balanced
     samples_per_epoch: int | None = None  # epoch length over all ranks; overrides the index's counts
     drop_last: bool = True
     max_pixels: int | None = 64_000_000
 
     def __post_init__(self) -> None:
-        if self.language not in LANGUAGES:
-            raise InvalidInputError(f"data.language must be one of {LANGUAGES}, got {self.language!r}")
-        if self.reference_mode not in REFERENCE_MODES:
-            raise InvalidInputError(
-                f"data.reference_mode must be one of {REFERENCE_MODES}, got {self.reference_mode!r}"
-            )
-        if self.epoch_mode not in EPOCH_MODES:
-            raise InvalidInputError(f"data.epoch_mode must be one of {EPOCH_MODES}, got {self.epoch_mode!r}")
+        coerce_choices(self)
+        if not (_is_int(self.resolution) and self.resolution > 0) and not (
+            _int_pair(self.resolution) and min(self.resolution) > 0
+        ):
+            raise ConfigValueError("resolution", f"must be a positive int or [height, width], got {self.resolution!r}")
+        if not (self.buckets is None or isinstance(self.buckets, bool)) and not (
+            isinstance(self.buckets, Sequence) and self.buckets and all(_int_pair(b) for b in self.buckets)
+        ):
+            raise ConfigValueError("buckets", f"must be true, false, null or a list of [h, w], got {self.buckets!r}")
+        if not _is_int(self.mask_grow_px) and not _int_pair(self.mask_grow_px):
+            raise ConfigValueError("mask_grow_px", f"must be an int or [lo, hi], got {self.mask_grow_px!r}")
+        check_int(self.reference_size, "reference_size", 1)
+        check_int(self.shuffle_buffer, "shuffle_buffer", 0)
         drops = (self.p_drop_text, self.p_drop_reference, self.p_drop_both)
         if min(drops) < 0 or sum(drops) > 1:
-            raise InvalidInputError(f"data dropout probabilities must be >= 0 and sum to <= 1, got {drops}")
+            raise ConfigValueError(
+                "p_drop_text", f"dropout probabilities must be >= 0 and sum to <= 1, got {drops}",
+                related=("p_drop_reference", "p_drop_both"),
+            )
         if self.max_zoom < 1:
-            raise InvalidInputError(f"data.max_zoom must be >= 1, got {self.max_zoom}")
+            raise ConfigValueError("max_zoom", f"must be >= 1, got {self.max_zoom}")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> LoaderConfig:
-        """Build from a plain or OmegaConf mapping; unknown keys are an error (typos must not pass silently)."""
-        try:
-            from omegaconf import OmegaConf
-
-            if OmegaConf.is_config(values):
-                values = OmegaConf.to_container(values, resolve=True)
-        except ImportError:  # pragma: no cover - omegaconf is a project dependency
-            pass
-        values = dict(values or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise InvalidInputError(f"unknown data config key(s) {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        """From a plain or OmegaConf mapping, through the one config loader (unknown keys are errors)."""
+        return config_from_dict(cls, values, "data.loader")
 
     @property
     def size(self) -> tuple[int, int]:
