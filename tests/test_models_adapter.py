@@ -9,13 +9,12 @@ from diffusers import UNet2DConditionModel
 from dreampainter.errors import InvalidInputError
 from dreampainter.models import (
     AdapterConfig,
-    DecoupledCrossAttnProcessor,
     adapter_parameters,
     cast_frozen_unet,
     cross_attention_layers,
     drop_references,
     install_reference_adapter,
-    reference_processors,
+    reference_layers,
     remove_reference_adapter,
     set_reference_scale,
     without_reference_adapter,
@@ -86,15 +85,17 @@ def test_new_projections_start_from_to_k_to_v_and_self_attention_is_untouched(un
     before = dict(unet.attn_processors)
     install_reference_adapter(unet, CONFIGS["linear"])
     layers = cross_attention_layers(unet)
-    processors = reference_processors(unet)
-    assert list(processors) == list(layers) and len(layers) == 7
-    for name, attn in layers.items():
-        assert torch.equal(processors[name].to_k_ref.weight, attn.to_k.weight)
-        assert torch.equal(processors[name].to_v_ref.weight, attn.to_v.weight)
-    for name, processor in unet.attn_processors.items():
-        if name.endswith("attn1.processor"):
-            assert type(processor) is type(before[name])
-            assert not isinstance(processor, DecoupledCrossAttnProcessor)
+    branches = reference_layers(unet)
+    assert [f"{name}.processor" for name in branches] == list(layers) and len(layers) == 7
+    for attn in layers.values():
+        assert torch.equal(attn.to_k_ref.weight, attn.to_k.weight)
+        assert torch.equal(attn.to_v_ref.weight, attn.to_v.weight)
+        assert attn.to_k_ref.weight.data_ptr() != attn.to_k.weight.data_ptr()
+    # the processors are diffusers' own, untouched: the branch lives on the attention modules
+    assert {name: type(p) for name, p in unet.attn_processors.items()} == {name: type(p) for name, p in before.items()}
+    for module_name, _ in unet.named_modules():
+        if module_name.endswith("attn1"):
+            assert not hasattr(unet.get_submodule(module_name), "to_k_ref")
 
 
 def test_remove_restores_the_plain_unet_and_reinstall_is_refused(unet):
@@ -115,13 +116,13 @@ def test_remove_restores_the_plain_unet_and_reinstall_is_refused(unet):
 def test_per_block_scale_dict_form(unet):
     install_reference_adapter(unet, CONFIGS["linear"])
     set_reference_scale(unet, {"down": {"block_1": [0.5]}, "up": {"block_0": [0.0, 2.0]}})
-    scales = {name: p.scale for name, p in reference_processors(unet).items()}
-    assert scales["down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor"] == 0.5
-    assert scales["up_blocks.0.attentions.1.transformer_blocks.0.attn2.processor"] == 2.0
-    assert scales["up_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"] == 0.0
-    assert scales["down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"] == 0.0  # unnamed -> 0
+    scales = {name: attn.reference_scale for name, attn in reference_layers(unet).items()}
+    assert scales["down_blocks.1.attentions.0.transformer_blocks.0.attn2"] == 0.5
+    assert scales["up_blocks.0.attentions.1.transformer_blocks.0.attn2"] == 2.0
+    assert scales["up_blocks.0.attentions.0.transformer_blocks.0.attn2"] == 0.0
+    assert scales["down_blocks.0.attentions.0.transformer_blocks.0.attn2"] == 0.0  # unnamed -> 0
     set_reference_scale(unet, 0.7)
-    assert {p.scale for p in reference_processors(unet).values()} == {0.7}
+    assert {attn.reference_scale for attn in reference_layers(unet).values()} == {0.7}
 
 
 @pytest.mark.parametrize(
@@ -223,7 +224,7 @@ def test_deepcopy_of_the_adapted_unet_is_an_independent_equal_model(unet):
     clone = copy.deepcopy(unet)
     features = _features("linear")
     assert torch.equal(_run(clone, features), _run(unet, features))
-    assert len(reference_processors(clone)) == len(reference_processors(unet))
+    assert len(reference_layers(clone)) == len(reference_layers(unet))
     with torch.no_grad():
         for param in adapter_parameters(clone):
             param.add_(1.0)

@@ -24,16 +24,21 @@ from typing import Any, ClassVar
 
 import torch
 from diffusers import UNet2DConditionModel
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from dreampainter.errors import InvalidInputError
-from dreampainter.models.attention import DecoupledCrossAttnProcessor
+from dreampainter.models.attention import (
+    add_reference_branch,
+    attach_reference_hooks,
+    has_reference_branch,
+    remove_reference_branch,
+)
 from dreampainter.models.block_scales import expand_block_scales
 from dreampainter.models.projection import LinearProjection, ReferenceProjection, Resampler
 from dreampainter.utils.config import Choice, check_int, coerce_choices, config_from_dict, config_to_dict
 
-ADAPTER_KEY_MARKERS = ("encoder_hid_proj.", ".processor.to_k_ref.", ".processor.to_v_ref.")
+ADAPTER_KEY_MARKERS = ("encoder_hid_proj.", ".to_k_ref.", ".to_v_ref.")
 
 
 class Projection(Choice):
@@ -132,10 +137,12 @@ def get_adapter_config(unet: nn.Module) -> AdapterConfig:
 
 
 def install_reference_adapter(unet: UNet2DConditionModel, config: AdapterConfig) -> UNet2DConditionModel:
-    """Add the reference projection and a decoupled processor on every cross-attention layer, in place.
+    """Add the reference projection and a reference branch on every cross-attention layer, in place.
 
-    New ``to_k_ref`` / ``to_v_ref`` start as copies of each layer's ``to_k`` / ``to_v``; all adapter
-    parameters are float32 whatever the UNet's dtype. Self-attention processors are left as they are.
+    New ``to_k_ref`` / ``to_v_ref`` (submodules of each cross-attention layer) start as copies of the
+    layer's ``to_k`` / ``to_v``; all adapter parameters are float32 whatever the UNet's dtype. The
+    attention processors are left as they are: any processor computes the text attention, and the
+    layer's hooks add the reference term (see ``attention.py``).
     """
     if has_reference_adapter(unet):
         raise InvalidInputError("a reference adapter is already installed in this UNet; remove it first")
@@ -147,10 +154,8 @@ def install_reference_adapter(unet: UNet2DConditionModel, config: AdapterConfig)
     layers = cross_attention_layers(unet)
     if not layers:
         raise InvalidInputError("this UNet has no cross-attention layers to add a reference branch to")
-    processors = dict(unet.attn_processors)
-    for name, attn in layers.items():
-        processors[name] = DecoupledCrossAttnProcessor.from_attention(attn, scale=config.scale)
-    unet.set_attn_processor(processors)
+    for attn in layers.values():
+        add_reference_branch(attn, scale=config.scale)
     device = next(unet.parameters()).device
     unet.encoder_hid_proj = build_projection(config, _cross_attention_dim(unet)).to(device)
     # Attribute, not dict entry: save_pretrained keeps writing the plain UNet's config (diffusers does the same).
@@ -159,16 +164,12 @@ def install_reference_adapter(unet: UNet2DConditionModel, config: AdapterConfig)
     return unet
 
 
-def _detach_adapter(unet: UNet2DConditionModel) -> tuple[nn.Module, dict[str, nn.Module]]:
-    processors = dict(unet.attn_processors)
-    ours = {name: proc for name, proc in processors.items() if isinstance(proc, DecoupledCrossAttnProcessor)}
-    for name in ours:
-        processors[name] = AttnProcessor2_0()
-    unet.set_attn_processor(processors)
+def _detach_adapter(unet: UNet2DConditionModel) -> tuple[nn.Module, dict[str, dict[str, nn.Module]]]:
+    branches = {name: remove_reference_branch(attn) for name, attn in reference_layers(unet).items()}
     projection = unet.encoder_hid_proj
     unet.encoder_hid_proj = None
     unet.config.encoder_hid_dim_type = None
-    return projection, ours
+    return projection, branches
 
 
 def remove_reference_adapter(unet: UNet2DConditionModel) -> UNet2DConditionModel:
@@ -183,21 +184,28 @@ def remove_reference_adapter(unet: UNet2DConditionModel) -> UNet2DConditionModel
 def without_reference_adapter(unet: UNet2DConditionModel) -> Iterator[UNet2DConditionModel]:
     """Temporarily detach the adapter (e.g. to ``save_pretrained`` a plain diffusers UNet), then reattach it."""
     config = get_adapter_config(unet)
-    projection, ours = _detach_adapter(unet)
+    projection, branches = _detach_adapter(unet)
     unet.reference_adapter_config = None
     try:
         yield unet
     finally:
-        processors = dict(unet.attn_processors)
-        processors.update(ours)
-        unet.set_attn_processor(processors)
+        for name, modules in branches.items():
+            attn = unet.get_submodule(name)
+            for module_name, module in modules.items():
+                attn.add_module(module_name, module)
+            attach_reference_hooks(attn)
         unet.encoder_hid_proj = projection
         unet.config.encoder_hid_dim_type = "ip_image_proj"
         unet.reference_adapter_config = config
 
 
-def reference_processors(unet: nn.Module) -> dict[str, DecoupledCrossAttnProcessor]:
-    return {name: p for name, p in unet.attn_processors.items() if isinstance(p, DecoupledCrossAttnProcessor)}
+def reference_layers(unet: nn.Module) -> dict[str, Attention]:
+    """Module name -> cross-attention layer carrying a reference branch, in the IP-Adapter (processor) order."""
+    return {
+        name.removesuffix(".processor"): attn
+        for name, attn in cross_attention_layers(unet).items()
+        if has_reference_branch(attn)
+    }
 
 
 def set_reference_scale(unet: UNet2DConditionModel, scale: float | dict) -> None:
@@ -206,19 +214,37 @@ def set_reference_scale(unet: UNet2DConditionModel, scale: float | dict) -> None
     The dict form is that of ``set_ip_adapter_scale``, e.g. ``{"down": {"block_2": [0.0, 1.0]},
     "up": {"block_0": [0.0, 1.0, 0.0]}}``; layers not named get 0, as in diffusers.
     """
-    processors = reference_processors(unet)
-    if not processors:
+    layers = reference_layers(unet)
+    if not layers:
         raise InvalidInputError("this UNet has no reference adapter installed (call install_reference_adapter)")
     if not isinstance(scale, dict):
-        for processor in processors.values():
-            processor.scale = float(scale)
+        for attn in layers.values():
+            attn.reference_scale = float(scale)
         return
     expanded = expand_block_scales(unet, scale, default=0.0)
-    for name, processor in processors.items():
-        processor.scale = 0.0
+    for name, attn in layers.items():
+        attn.reference_scale = 0.0
         for prefix, value in expanded.items():
             if name.startswith(prefix):
-                processor.scale = float(value)
+                attn.reference_scale = float(value)
+
+
+def check_adapter_complete(unet: nn.Module) -> None:
+    """Raise naming what is missing unless the projection and every layer's ``to_k_ref`` / ``to_v_ref`` are there."""
+    get_adapter_config(unet)
+    if unet.encoder_hid_proj is None or not list(unet.encoder_hid_proj.parameters()):
+        raise InvalidInputError("incomplete reference adapter: the projection (encoder_hid_proj) is missing")
+    missing = [
+        f"{name.removesuffix('.processor')}.{part}"
+        for name, attn in cross_attention_layers(unet).items()
+        for part in ("to_k_ref", "to_v_ref")
+        if not isinstance(getattr(attn, part, None), nn.Linear)
+    ]
+    if missing:
+        raise InvalidInputError(
+            f"incomplete reference adapter: {len(missing)} projection(s) missing, e.g. {missing[0]}; "
+            "it would not load again, so it is not written"
+        )
 
 
 def adapter_parameter_names(unet: nn.Module) -> list[str]:

@@ -24,11 +24,12 @@ from dreampainter.errors import CheckpointMismatchError, InvalidInputError, Miss
 from dreampainter.models.adapter import (
     AdapterConfig,
     adapter_state_dict,
+    check_adapter_complete,
     cross_attention_layers,
     get_adapter_config,
     has_reference_adapter,
     install_reference_adapter,
-    reference_processors,
+    reference_layers,
 )
 from dreampainter.models.state_dicts import check_state_dict
 from dreampainter.utils import atomic_path, atomic_write_json
@@ -76,12 +77,13 @@ def _load_tensors(unet: UNet2DConditionModel, tensors: dict[str, torch.Tensor], 
 def save_adapter(unet: UNet2DConditionModel, folder: str | os.PathLike) -> Path:
     """Write ``adapter.safetensors`` + ``adapter_config.json`` to ``folder`` (each atomically)."""
     config = get_adapter_config(unet)
+    check_adapter_complete(unet)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(unet).items()}
     with atomic_path(folder / ADAPTER_WEIGHTS_NAME) as temporary:
         save_file(tensors, str(temporary), metadata={"format": "pt"})
-    meta = {"format": ADAPTER_FORMAT, "version": 1, "adapter": config.to_dict(), "unet": unet_fingerprint(unet)}
+    meta = {"format": ADAPTER_FORMAT, "version": 2, "adapter": config.to_dict(), "unet": unet_fingerprint(unet)}
     atomic_write_json(folder / ADAPTER_CONFIG_NAME, meta)
     return folder
 
@@ -114,8 +116,15 @@ def load_adapter(unet: UNet2DConditionModel, folder: str | os.PathLike) -> Adapt
             )
     else:
         install_reference_adapter(unet, config)
-    _load_tensors(unet, load_file(str(weights)), str(weights))
+    _load_tensors(unet, _current_key_names(load_file(str(weights))), str(weights))
     return config
+
+
+def _current_key_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Adapters saved before format version 2 kept ``to_k_ref`` / ``to_v_ref`` inside each layer's
+    attention processor (``...attn2.processor.to_k_ref.weight``); they now belong to the layer itself."""
+    return {key.replace(".processor.to_k_ref.", ".to_k_ref.").replace(".processor.to_v_ref.", ".to_v_ref."): value
+            for key, value in tensors.items()}
 
 
 # ------------------------------------------------------------------------- IP-Adapter layout
@@ -140,9 +149,9 @@ def ip_adapter_state_dict(unet: UNet2DConditionModel, check_diffusers: bool = Tr
     out = {}
     for key, value in unet.encoder_hid_proj.state_dict().items():
         out[f"image_proj.{key}"] = value.detach().cpu().contiguous()
-    for k, processor in enumerate(reference_processors(unet).values()):
-        out[f"ip_adapter.{2 * k + 1}.to_k_ip.weight"] = processor.to_k_ref.weight.detach().cpu().contiguous()
-        out[f"ip_adapter.{2 * k + 1}.to_v_ip.weight"] = processor.to_v_ref.weight.detach().cpu().contiguous()
+    for k, attn in enumerate(reference_layers(unet).values()):
+        out[f"ip_adapter.{2 * k + 1}.to_k_ip.weight"] = attn.to_k_ref.weight.detach().cpu().contiguous()
+        out[f"ip_adapter.{2 * k + 1}.to_v_ip.weight"] = attn.to_v_ref.weight.detach().cpu().contiguous()
     return out
 
 
@@ -244,6 +253,6 @@ def import_ip_adapter(unet: UNet2DConditionModel, path: str | os.PathLike, scale
     tensors = {f"encoder_hid_proj.{k}": v for k, v in image_proj.items()}
     for k, name in enumerate(layer_names):
         for ours, theirs in (("to_k_ref", "to_k_ip"), ("to_v_ref", "to_v_ip")):
-            tensors[f"{name}.{ours}.weight"] = ip_adapter[f"{2 * k + 1}.{theirs}.weight"]
+            tensors[f"{name.removesuffix('.processor')}.{ours}.weight"] = ip_adapter[f"{2 * k + 1}.{theirs}.weight"]
     _load_tensors(unet, tensors, source)
     return config

@@ -3,7 +3,14 @@
 ``out = Attn(q, K_text, V_text) + scale * Attn(q, K_ref, V_ref)`` with ``K_ref = to_k_ref(ref)`` and
 ``V_ref = to_v_ref(ref)``, new per-layer projections initialised from the layer's ``to_k`` / ``to_v``.
 
-The UNet hands the processor ``encoder_hidden_states = (text_tokens, reference_tokens)`` when its
+The reference branch belongs to the attention *module*, not to its processor: ``to_k_ref`` /
+``to_v_ref`` are submodules of each cross-attention ``Attention`` and the branch runs in two forward
+hooks on it. The processor (diffusers' default, sliced, fused-QKV, xformers, or a user's own) only
+ever sees the text tokens and computes the text attention as usual; the hooks add
+``scale * to_out(Attn(q, K_ref, V_ref))`` to its output (``to_out`` is linear, so this equals
+projecting the sum). Replacing processors therefore never loses a weight or the reference.
+
+The UNet hands the layer ``encoder_hidden_states = (text_tokens, [reference_tokens])`` when its
 ``encoder_hid_proj`` is the reference projection (``encoder_hid_dim_type="ip_image_proj"``); see
 ``adapter.py``. Reference tokens that are exactly zero give ``K_ref = V_ref = 0`` (no biases), so
 the reference term is exactly zero for that row: that is how "no reference" rows are handled.
@@ -11,119 +18,130 @@ the reference term is exactly zero for that row: that is how "no reference" rows
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
+# Per-call weight of the reference: ``cross_attention_kwargs={"reference_scale": s}`` (multiplies the layer's).
+CALL_SCALE_KWARG = "reference_scale"
+_PENDING = "_dreampainter_reference_call"  # set by the pre-hook, consumed by the post-hook of one call
 
-class DecoupledCrossAttnProcessor(nn.Module):
-    """Attention processor for one cross-attention layer, holding that layer's ``to_k_ref`` / ``to_v_ref``.
 
-    The trainable projections compute in their own dtype (kept float32 while a frozen UNet runs in
-    fp16/bf16); their outputs are cast to the query's dtype for the attention itself.
-    """
-
-    def __init__(self, hidden_size: int, cross_attention_dim: int, scale: float = 1.0):
-        super().__init__()
-        self.hidden_size = hidden_size
-        self.cross_attention_dim = cross_attention_dim
-        self.scale = scale
-        self.to_k_ref = nn.Linear(cross_attention_dim, hidden_size, bias=False)
-        self.to_v_ref = nn.Linear(cross_attention_dim, hidden_size, bias=False)
-
-    @classmethod
-    def from_attention(cls, attn: Attention, scale: float = 1.0) -> DecoupledCrossAttnProcessor:
-        """A processor for ``attn`` with ``to_k_ref`` / ``to_v_ref`` copied from its ``to_k`` / ``to_v``."""
-        processor = cls(attn.to_k.out_features, attn.to_k.in_features, scale=scale)
+def add_reference_branch(attn: Attention, scale: float = 1.0) -> None:
+    """Give ``attn`` its ``to_k_ref`` / ``to_v_ref`` (float32 copies of ``to_k`` / ``to_v``) and the hooks."""
+    device = attn.to_k.weight.device
+    for name, source in (("to_k_ref", attn.to_k), ("to_v_ref", attn.to_v)):
+        layer = nn.Linear(source.in_features, source.out_features, bias=False, device=device)
         with torch.no_grad():
-            processor.to_k_ref.weight.copy_(attn.to_k.weight.float())
-            processor.to_v_ref.weight.copy_(attn.to_v.weight.float())
-        return processor.to(device=attn.to_k.weight.device)
+            layer.weight.copy_(source.weight.float())
+        attn.add_module(name, layer)
+    attn.reference_scale = float(scale)
+    attach_reference_hooks(attn)
 
-    def _reference_attention(
-        self, attn: Attention, query: torch.Tensor, reference_tokens: torch.Tensor
-    ) -> torch.Tensor:
-        batch_size, heads = query.shape[0], attn.heads
-        tokens = reference_tokens.to(self.to_k_ref.weight.dtype)
-        if tokens.ndim == 4:  # diffusers' (B, num_images, N, C) layout
-            tokens = tokens.flatten(1, 2)
-        key = self.to_k_ref(tokens).to(query.dtype)
-        value = self.to_v_ref(tokens).to(query.dtype)
-        head_dim = key.shape[-1] // heads
-        key = key.view(batch_size, -1, heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, heads, head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-        return out.transpose(1, 2).reshape(batch_size, -1, heads * head_dim).to(query.dtype)
 
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | tuple | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        reference_scale: float | None = None,
-        **kwargs,
-    ) -> torch.Tensor:
-        reference_tokens = None
-        if isinstance(encoder_hidden_states, tuple):
-            encoder_hidden_states, reference_tokens = encoder_hidden_states
-            if isinstance(reference_tokens, (list, tuple)):
-                if len(reference_tokens) != 1:
-                    raise ValueError(f"expected one set of reference tokens, got {len(reference_tokens)}")
-                reference_tokens = reference_tokens[0]
+def attach_reference_hooks(attn: Attention) -> None:
+    """Register the pre/post forward hooks that run the reference branch (idempotent).
 
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
+    The hooks are found again by identity (not by handle), so a deep copy of the UNet keeps working hooks.
+    """
+    if _split_reference not in attn._forward_pre_hooks.values():
+        attn.register_forward_pre_hook(_split_reference, with_kwargs=True)
+        attn.register_forward_hook(_add_reference, with_kwargs=True)
 
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
 
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-        )
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+def _detach_hooks(attn: Attention) -> None:
+    for hooks, kwargs_ids, function in (
+        (attn._forward_pre_hooks, attn._forward_pre_hooks_with_kwargs, _split_reference),
+        (attn._forward_hooks, attn._forward_hooks_with_kwargs, _add_reference),
+    ):
+        for hook_id in [key for key, hook in hooks.items() if hook is function]:
+            del hooks[hook_id]
+            kwargs_ids.pop(hook_id, None)
 
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+def remove_reference_branch(attn: Attention) -> dict[str, nn.Module]:
+    """Detach the hooks and the reference projections from ``attn``; returns the projections."""
+    _detach_hooks(attn)
+    return {name: attn._modules.pop(name) for name in ("to_k_ref", "to_v_ref")}
 
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
 
-        hidden_states = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
-        )
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        hidden_states = hidden_states.to(query.dtype)
+def has_reference_branch(module: nn.Module) -> bool:
+    return isinstance(module, Attention) and isinstance(getattr(module, "to_k_ref", None), nn.Linear)
 
-        scale = self.scale if reference_scale is None else self.scale * reference_scale
-        if reference_tokens is not None and scale != 0:
-            hidden_states = hidden_states + scale * self._reference_attention(attn, query, reference_tokens)
 
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+def _split_reference(attn: Attention, args: tuple, kwargs: dict[str, Any]):
+    """Pre-hook: hand the processor the text tokens alone; keep the reference tokens for the post-hook."""
+    call_scale = kwargs.pop(CALL_SCALE_KWARG, None)
+    in_kwargs = "encoder_hidden_states" in kwargs
+    states = kwargs.get("encoder_hidden_states") if in_kwargs else (args[1] if len(args) > 1 else None)
+    reference = None
+    if isinstance(states, tuple):
+        states, reference = states
+        if isinstance(reference, (list, tuple)):
+            if len(reference) != 1:
+                raise ValueError(f"expected one set of reference tokens, got {len(reference)}")
+            reference = reference[0]
+        if in_kwargs:
+            kwargs["encoder_hidden_states"] = states
+        else:
+            args = (args[0], states, *args[2:])
+    scale = attn.reference_scale * (1.0 if call_scale is None else float(call_scale))
+    hidden_states = args[0] if args else kwargs["hidden_states"]
+    pending = None if reference is None or scale == 0 else (hidden_states, reference, scale, kwargs.get("temb"))
+    object.__setattr__(attn, _PENDING, pending)
+    return args, kwargs
+
+
+def _add_reference(attn: Attention, args: tuple, kwargs: dict[str, Any], output: torch.Tensor) -> torch.Tensor:
+    """Post-hook: add ``scale * to_out(Attn(q, K_ref, V_ref))`` to the processor's output."""
+    pending = getattr(attn, _PENDING, None)
+    if pending is None:
+        return output
+    object.__setattr__(attn, _PENDING, None)
+    hidden_states, reference, scale, temb = pending
+    return output + scale * reference_attention_output(attn, hidden_states, reference, temb)
+
+
+def _projection_dtype(layer: nn.Module, compute_dtype: torch.dtype) -> torch.dtype:
+    """The dtype to feed ``layer``: its weights' (float32 trainable weights under a bf16 UNet), unless
+    they are only stored in a narrow format (layerwise casting) and computed in ``compute_dtype``."""
+    dtype = layer.weight.dtype
+    return dtype if dtype.is_floating_point and torch.finfo(dtype).bits >= 16 else compute_dtype
+
+
+def reference_attention_output(
+    attn: Attention, hidden_states: torch.Tensor, reference: torch.Tensor, temb: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The reference term of the layer's output: ``to_out(Attn(q, K_ref, V_ref)) - to_out(0)`` (the output
+    projection's linear part, LoRA included), in the layout of ``hidden_states`` (B, N, C) or (B, C, H, W),
+    divided by ``attn.rescale_output_factor`` as the layer's output is."""
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    input_ndim = hidden_states.ndim
+    if input_ndim == 4:
+        batch_size, channel, height, width = hidden_states.shape
+        hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    batch_size, heads = hidden_states.shape[0], attn.heads
+    query = attn.to_q(hidden_states)
+    head_dim = query.shape[-1] // heads
+    query = query.view(batch_size, -1, heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+
+    tokens = reference.flatten(1, 2) if reference.ndim == 4 else reference  # diffusers' (B, images, N, C)
+    tokens = tokens.to(_projection_dtype(attn.to_k_ref, query.dtype))
+    key = attn.to_k_ref(tokens).to(query.dtype).view(batch_size, -1, heads, head_dim).transpose(1, 2)
+    value = attn.to_v_ref(tokens).to(query.dtype).view(batch_size, -1, heads, head_dim).transpose(1, 2)
+    out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+    out = out.transpose(1, 2).reshape(batch_size, -1, heads * head_dim).to(query.dtype)
+
+    projection = attn.to_out[0]  # a Linear, a LoRA-wrapped Linear, or a layerwise-cast Linear: call it
+    out = projection(out) - projection(out.new_zeros((1, 1, out.shape[-1])))
+    if input_ndim == 4:
+        out = out.transpose(-1, -2).reshape(batch_size, channel, height, width)
+    return out / attn.rescale_output_factor

@@ -34,7 +34,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from dreampainter.errors import InvalidInputError, require_file
 from dreampainter.models import has_reference_adapter
 from dreampainter.pipelines import reference_support
-from dreampainter.pipelines.guidance import TEXT_REF, UNCOND, GuidancePlan, check_guidance_scale
+from dreampainter.pipelines.guidance import TEXT, TEXT_REF, UNCOND, GuidancePlan, check_guidance_scale
 from dreampainter.pipelines.image_processing import (
     DEFAULT_FEATHER_RADIUS,
     ProductInput,
@@ -60,11 +60,28 @@ class DreamPainterPipelineOutput(BaseOutput):
 
 
 def _as_list(value, name: str) -> list:
+    """A list of items: lists and tuples as they are, batched arrays split along their first axis.
+
+    Batched forms are diffusers': numpy ``(B, H, W, C)`` and torch ``(B, C, H, W)`` images, and masks as
+    numpy ``(B, H, W)`` / ``(B, H, W, 1)`` or torch ``(B, 1, H, W)`` / ``(B, H, W)``.
+    """
     if isinstance(value, (list, tuple)):
         if not value:
             raise InvalidInputError(f"{name}: the list is empty")
         return list(value)
+    if isinstance(value, (np.ndarray, torch.Tensor)) and _is_batched(value, name):
+        if value.shape[0] == 0:
+            raise InvalidInputError(f"{name}: the batch is empty")
+        return list(value)
     return [value]
+
+
+def _is_batched(array, name: str) -> bool:
+    """Whether an array holds a batch: 4-D always; 3-D only for masks ``(B, H, W)`` (B > 1, last axis not 1)."""
+    if array.ndim == 4:
+        return True
+    is_mask = name == "product_mask"
+    return is_mask and array.ndim == 3 and array.shape[0] > 1 and array.shape[-1] != 1
 
 
 def _broadcast(values: list, batch_size: int, name: str) -> list:
@@ -78,6 +95,27 @@ def _broadcast(values: list, batch_size: int, name: str) -> list:
     return values
 
 
+def _masks_for(images: list, product_mask) -> list:
+    """One mask per image: none (RGBA images), one each, or a single mask shared by every image."""
+    if product_mask is None:
+        return [None] * len(images)
+    masks = _as_list(product_mask, "product_mask")
+    if len(masks) == 1:
+        return masks * len(images)
+    if len(masks) != len(images):
+        raise InvalidInputError(f"product_mask: got {len(masks)} masks for {len(images)} images (give 1 or {len(images)})")
+    return masks
+
+
+def _sample_latents(encoded, generator) -> torch.Tensor:
+    """A sample of a VAE's posterior (``AutoencoderKL``), or its deterministic latents (``AutoencoderTiny``)."""
+    if hasattr(encoded, "latent_dist"):
+        return encoded.latent_dist.sample(generator)
+    if hasattr(encoded, "latents"):
+        return encoded.latents
+    raise InvalidInputError(f"vae: its encode() output ({type(encoded).__name__}) has no latents")
+
+
 def _check_positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
         raise InvalidInputError(f"{name}: must be a positive integer, got {value!r}")
@@ -87,6 +125,37 @@ def _check_positive_int(value, name: str) -> int:
 def _negative_prompts(negative_prompt, batch_size: int) -> list[str]:
     """One negative prompt per prompt (``None`` = the empty prompt)."""
     return _broadcast(_as_list(negative_prompt or "", "negative_prompt"), batch_size, "negative_prompt")
+
+
+@dataclass
+class BranchConditions:
+    """The UNet's conditions of each guidance branch (``text``: prompt rows; ``image``: projection inputs,
+    ``None`` without the adapter), laid out for a plan's branches at every step."""
+
+    text: dict[str, torch.Tensor]
+    image: dict[str, torch.Tensor] | None
+
+    def available(self) -> set[str]:
+        return set(self.text) & (set(self.image) if self.image is not None else set(self.text))
+
+    def for_plan(self, plan: GuidancePlan) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """``(encoder_hidden_states, added_cond_kwargs)`` for one batched call over ``plan.branches``."""
+        text = torch.cat([self.text[branch] for branch in plan.branches])
+        if self.image is None:
+            return text, None
+        return text, {"image_embeds": torch.cat([self.image[branch] for branch in plan.branches])}
+
+    def replace(self, plan: GuidancePlan, name: str, value: torch.Tensor) -> None:
+        """Take ``value`` (branch rows in ``plan``'s order, as a callback returns them) as the new ``name``."""
+        store = self.text if name == "prompt_embeds" else self.image
+        if store is None:
+            raise InvalidInputError(f"callback_on_step_end returned {name}, but this UNet has no reference adapter")
+        if value.shape[0] % plan.num_branches:
+            raise InvalidInputError(
+                f"callback_on_step_end returned {name} with {value.shape[0]} rows; the guidance branches "
+                f"{list(plan.branches)} need a multiple of {plan.num_branches}"
+            )
+        store.update(zip(plan.branches, value.chunk(plan.num_branches)))
 
 
 class DreamPainterPipeline(DiffusionPipeline):
@@ -99,8 +168,14 @@ class DreamPainterPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->reference_encoder->unet->vae"
-    _optional_components = ["reference_encoder"]
-    _callback_tensor_inputs = ["latents", "prompt_embeds", "noise_pred"]
+    # vae / unet / scheduler may be None for a pipeline that only encodes prompts (``encode_prompt``).
+    _optional_components = ["reference_encoder", "vae", "unet", "scheduler"]
+    # Tensors a step-end callback may read; those it returns replace the loop's (``noise_pred`` is read-only).
+    # ``prompt_embeds`` / ``image_embeds`` are the UNet's rows for every guidance branch run, in branch
+    # order (as diffusers' ``[negative, positive]``); the mask latents have one row per generated image.
+    _callback_tensor_inputs = [
+        "latents", "prompt_embeds", "image_embeds", "mask_latents", "masked_image_latents", "noise_pred",
+    ]  # fmt: skip
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, reference_encoder=None):
         super().__init__()
@@ -112,7 +187,7 @@ class DreamPainterPipeline(DiffusionPipeline):
             scheduler=scheduler,
             reference_encoder=reference_encoder,
         )
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self.mask_processor = VaeImageProcessor(
             vae_scale_factor=self.vae_scale_factor,
@@ -129,8 +204,10 @@ class DreamPainterPipeline(DiffusionPipeline):
         Keeping the adapter out of ``unet/`` means ``unet/`` loads with ``UNet2DConditionModel`` (or into
         diffusers' own pipelines) and the adapter is one small folder to swap or export.
         """
-        from dreampainter.models import save_adapter, without_reference_adapter
+        from dreampainter.models import check_adapter_complete, save_adapter, without_reference_adapter
 
+        if self.has_reference_adapter:
+            check_adapter_complete(self.unet)  # before anything is written
         adapter_folder = Path(save_directory) / ADAPTER_SUBFOLDER
         if adapter_folder.exists():
             shutil.rmtree(adapter_folder)  # never leave a stale adapter beside a new UNet
@@ -169,12 +246,22 @@ class DreamPainterPipeline(DiffusionPipeline):
 
     def encode_prompt(
         self,
-        prompts: list[str],
-        negative_prompts: list[str] | None,
-        device: torch.device,
-        num_images_per_prompt: int,
+        prompt: str | list[str] | None,
+        device: torch.device | None = None,
+        num_images_per_prompt: int = 1,
+        do_classifier_free_guidance: bool = True,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Text-encoder hidden states for the prompts (and negative prompts), one row per generated image."""
+        """Text-encoder hidden states, one row per generated image, as diffusers' ``encode_prompt``.
+
+        Returns ``(prompt_embeds, negative_prompt_embeds)``; the negative ones (``negative_prompt`` or the
+        empty prompt) only with ``do_classifier_free_guidance``. Given embeddings (one row per prompt) are
+        used as they are. Works on a pipeline built with only ``text_encoder`` and ``tokenizer``.
+        """
+        device = device or self._execution_device
+        dtype = self.unet.dtype if self.unet is not None else self.text_encoder.dtype
 
         def encode(texts: list[str]) -> torch.Tensor:
             tokens = self.tokenizer(
@@ -187,14 +274,19 @@ class DreamPainterPipeline(DiffusionPipeline):
             attention_mask = None
             if getattr(self.text_encoder.config, "use_attention_mask", False):
                 attention_mask = tokens.attention_mask.to(device)
-            hidden = self.text_encoder(tokens.input_ids.to(device), attention_mask=attention_mask)[0]
-            return hidden.to(dtype=self.unet.dtype, device=device).repeat_interleave(
-                num_images_per_prompt, dim=0
-            )
+            return self.text_encoder(tokens.input_ids.to(device), attention_mask=attention_mask)[0]
 
-        prompt_embeds = encode(prompts)
-        negative_embeds = None if negative_prompts is None else encode(negative_prompts)
-        return prompt_embeds, negative_embeds
+        def per_image(embeds: torch.Tensor) -> torch.Tensor:
+            return embeds.to(dtype=dtype, device=device).repeat_interleave(num_images_per_prompt, dim=0)
+
+        if prompt_embeds is None:
+            prompt_embeds = encode(_as_list(prompt, "prompt"))
+        negative = None
+        if do_classifier_free_guidance:
+            if negative_prompt_embeds is None:
+                negative_prompt_embeds = encode(_negative_prompts(negative_prompt, prompt_embeds.shape[0]))
+            negative = per_image(negative_prompt_embeds)
+        return per_image(prompt_embeds), negative
 
     def encode_reference(
         self, references: list[PIL.Image.Image | None], device: torch.device, num_images_per_prompt: int
@@ -212,31 +304,26 @@ class DreamPainterPipeline(DiffusionPipeline):
 
     def prepare_branch_conditions(
         self,
-        plan: GuidancePlan,
         prompt_embeds: torch.Tensor,
         negative_embeds: torch.Tensor | None,
         reference_features: torch.Tensor | None,
         device: torch.device,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-        """The UNet's conditions for one batched call, rows laid out branch by branch (``plan.branches``).
-
-        Returns ``(encoder_hidden_states, added_cond_kwargs)``: the negative prompt rows for ``UNCOND``,
-        the prompt rows otherwise; with the adapter installed, ``image_embeds`` holds
-        ``reference_features`` for ``TEXT_REF`` and zeros ("no reference") for the other branches.
-        ``negative_embeds`` is needed when ``UNCOND`` runs, ``reference_features`` when ``TEXT_REF`` does.
-        """
-        text_rows = torch.cat(
-            [negative_embeds if branch == UNCOND else prompt_embeds for branch in plan.branches]
-        )
+    ) -> BranchConditions:
+        """The UNet's conditions per guidance branch: the negative prompt rows for ``UNCOND``, the prompt rows
+        otherwise; with the adapter installed, ``reference_features`` for ``TEXT_REF`` and zeros ("no
+        reference") for the other branches. Branches whose inputs are missing are left out."""
+        text = {TEXT: prompt_embeds, TEXT_REF: prompt_embeds}
+        if negative_embeds is not None:
+            text[UNCOND] = negative_embeds
         if not self.has_reference_adapter:
-            return text_rows, None
+            return BranchConditions(text, None)
         no_reference = reference_support.zero_features(
             self.unet, prompt_embeds.shape[0], device, self.unet.dtype, like=reference_features
         )
-        image_embeds = torch.cat(
-            [reference_features if branch == TEXT_REF else no_reference for branch in plan.branches]
-        )
-        return text_rows, {"image_embeds": image_embeds}
+        image = {branch: no_reference for branch in (UNCOND, TEXT)}
+        if reference_features is not None:
+            image[TEXT_REF] = reference_features
+        return BranchConditions(text, image)
 
     # ------------------------------------------------------------------ inputs
 
@@ -261,16 +348,18 @@ class DreamPainterPipeline(DiffusionPipeline):
         feather_radius: float = DEFAULT_FEATHER_RADIUS,
         output_type: str = "pil",
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        reference_image_embeds: torch.Tensor | None = None,
     ) -> None:
         """Validate the arguments of :meth:`__call__` without decoding an image or running a model.
 
         Raises :class:`InvalidInputError` (one line, naming the argument) for the first problem found.
         The images themselves (decoding, sizes, masks, ``max_pixels``) are checked when they are prepared.
         """
-        prompts = _as_list(prompt, "prompt")
-        if not all(isinstance(text, str) for text in prompts):
-            raise InvalidInputError("prompt: must be a string or a list of strings")
-        batch_size = len(prompts)
+        batch_size = self._check_text_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        if image is None:
+            raise InvalidInputError("image: the product photo is required")
         _check_positive_int(num_inference_steps, "num_inference_steps")
         num_images_per_prompt = _check_positive_int(num_images_per_prompt, "num_images_per_prompt")
         if (
@@ -300,10 +389,10 @@ class DreamPainterPipeline(DiffusionPipeline):
             )
 
         images = _as_list(image, "image")
-        masks = images if product_mask is None else _as_list(product_mask, "product_mask")
-        if len(masks) != len(images):
-            raise InvalidInputError(f"product_mask: got {len(masks)} masks for {len(images)} images")
+        _masks_for(images, product_mask)
         _broadcast(images, batch_size, "image")
+        if reference_image_embeds is not None:
+            self._check_reference_embeds(reference_image, reference_image_embeds, batch_size)
         if reference_image is not None:
             references = _broadcast(
                 _as_list(reference_image, "reference_image"), batch_size, "reference_image"
@@ -318,7 +407,42 @@ class DreamPainterPipeline(DiffusionPipeline):
         if reference_guidance_scale is not None:
             check_guidance_scale(reference_guidance_scale, "reference_guidance_scale")
         self._check_size_arguments(height, width, resolution)
+
+    @staticmethod
+    def _check_text_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds) -> int:
+        """Check the prompt arguments; returns the number of prompts."""
+        if (prompt is None) == (prompt_embeds is None):
+            raise InvalidInputError("prompt / prompt_embeds: give exactly one of them")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise InvalidInputError("negative_prompt / negative_prompt_embeds: give at most one of them")
+        if prompt_embeds is None:
+            prompts = _as_list(prompt, "prompt")
+            if not all(isinstance(text, str) for text in prompts):
+                raise InvalidInputError("prompt: must be a string or a list of strings")
+            batch_size = len(prompts)
+        else:
+            if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.ndim != 3:
+                raise InvalidInputError("prompt_embeds: must be a (prompts, tokens, width) tensor")
+            batch_size = prompt_embeds.shape[0]
+        if negative_prompt_embeds is not None and (
+            prompt_embeds is None or negative_prompt_embeds.shape != prompt_embeds.shape
+        ):
+            raise InvalidInputError(
+                "negative_prompt_embeds: needs prompt_embeds of the same shape, got "
+                f"{tuple(negative_prompt_embeds.shape)} and "
+                f"{None if prompt_embeds is None else tuple(prompt_embeds.shape)}"
+            )
         _negative_prompts(negative_prompt, batch_size)
+        return batch_size
+
+    def _check_reference_embeds(self, reference_image, embeds, batch_size: int) -> None:
+        if reference_image is not None:
+            raise InvalidInputError("reference_image / reference_image_embeds: give at most one of them")
+        if not self.has_reference_adapter:
+            raise InvalidInputError("reference_image_embeds: this pipeline has no reference adapter")
+        if not isinstance(embeds, torch.Tensor) or embeds.shape[0] not in (1, batch_size):
+            rows = embeds.shape[0] if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+            raise InvalidInputError(f"reference_image_embeds: expected 1 or {batch_size} rows, got {rows}")
 
     def _check_size_arguments(self, height, width, resolution) -> None:
         factor = self.vae_scale_factor
@@ -337,7 +461,7 @@ class DreamPainterPipeline(DiffusionPipeline):
         self, image, product_mask, batch_size: int, max_pixels: int | None
     ) -> list[ProductInput]:
         images = _as_list(image, "image")
-        masks = [None] * len(images) if product_mask is None else _as_list(product_mask, "product_mask")
+        masks = _masks_for(images, product_mask)
         products = [
             prepare_product_input(
                 picture,
@@ -469,6 +593,8 @@ class DreamPainterPipeline(DiffusionPipeline):
         )
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        elif tuple(latents.shape) != shape:
+            raise InvalidInputError(f"latents: expected shape {shape}, got {tuple(latents.shape)}")
         else:
             latents = latents.to(device=device, dtype=dtype)
         return latents * self.scheduler.init_noise_sigma
@@ -478,14 +604,13 @@ class DreamPainterPipeline(DiffusionPipeline):
         mask: torch.Tensor,
         masked_image: torch.Tensor,
         num_images_per_prompt: int,
-        num_branches: int,
         height: int,
         width: int,
         dtype: torch.dtype,
         generator: torch.Generator | list[torch.Generator] | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mask_latents, masked_image_latents)``: the inpainting mask at latent size and the VAE latents of
-        the masked photos, one row per generated image, repeated for each guidance branch.
+        the masked photos, one row per generated image.
 
         ``mask`` (1 = repaint) and ``masked_image`` (the photo in [-1, 1], zero where repainted) have one
         row per prompt at the processing size ``height`` x ``width``; the latents are sampled with
@@ -494,14 +619,8 @@ class DreamPainterPipeline(DiffusionPipeline):
         masked_latents = self._encode_masked_images(masked_image, generator, num_images_per_prompt)
         latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
         mask_latents = F.interpolate(mask, size=latent_size).to(dtype)
-        mask_latents = mask_latents.repeat_interleave(num_images_per_prompt, dim=0).repeat(
-            num_branches, 1, 1, 1
-        )
-        masked_latents = (
-            masked_latents.to(dtype)
-            .repeat_interleave(num_images_per_prompt, dim=0)
-            .repeat(num_branches, 1, 1, 1)
-        )
+        mask_latents = mask_latents.repeat_interleave(num_images_per_prompt, dim=0)
+        masked_latents = masked_latents.to(dtype).repeat_interleave(num_images_per_prompt, dim=0)
         return mask_latents, masked_latents
 
     def _encode_masked_images(
@@ -510,12 +629,12 @@ class DreamPainterPipeline(DiffusionPipeline):
         """VAE latents (sampled, like diffusers) of the masked images; generator lists align with result rows."""
         if isinstance(generator, list):
             latents = [
-                self.vae.encode(masked_images[i : i + 1]).latent_dist.sample(generator[i * rows_per_image])
+                _sample_latents(self.vae.encode(masked_images[i : i + 1]), generator[i * rows_per_image])
                 for i in range(masked_images.shape[0])
             ]
             latents = torch.cat(latents)
         else:
-            latents = self.vae.encode(masked_images).latent_dist.sample(generator)
+            latents = _sample_latents(self.vae.encode(masked_images), generator)
         return self.vae.config.scaling_factor * latents
 
     def _extra_step_kwargs(self, generator, eta: float) -> dict:
@@ -529,11 +648,86 @@ class DreamPainterPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ generation
 
+    # ------------------------------------------------------------------ diffusers' pipeline conveniences
+
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
+        """FreeU (Si et al. 2023) on the UNet's up blocks; SD1.5 values: s1=0.9, s2=0.2, b1=1.5, b2=1.6."""
+        self.unet.enable_freeu(s1=s1, s2=s2, b1=b1, b2=b2)
+
+    def disable_freeu(self) -> None:
+        self.unet.disable_freeu()
+
+    def fuse_qkv_projections(self, unet: bool = True, vae: bool = True) -> None:
+        """Fuse the attention projections (query/key/value, or key/value for cross-attention); the
+        reference branch is unaffected (it belongs to the attention modules, not their processors)."""
+        if unet:
+            self.unet.fuse_qkv_projections()
+        if vae and self.vae is not None and hasattr(self.vae, "fuse_qkv_projections"):
+            self.vae.fuse_qkv_projections()
+
+    def unfuse_qkv_projections(self, unet: bool = True, vae: bool = True) -> None:
+        if unet:
+            self.unet.unfuse_qkv_projections()
+        if vae and self.vae is not None and hasattr(self.vae, "unfuse_qkv_projections"):
+            self.vae.unfuse_qkv_projections()
+
+    def enable_vae_slicing(self) -> None:
+        """Decode the batch one image at a time (less memory for large batches)."""
+        self.vae.enable_slicing()
+
+    def disable_vae_slicing(self) -> None:
+        self.vae.disable_slicing()
+
+    def enable_vae_tiling(self) -> None:
+        """Encode and decode in overlapping tiles (large images in bounded memory)."""
+        self.vae.enable_tiling()
+
+    def disable_vae_tiling(self) -> None:
+        self.vae.disable_tiling()
+
+    def set_ip_adapter_scale(self, scale: float | dict) -> None:
+        """The attention-level reference scale under diffusers' name (so callbacks such as
+        ``IPAdapterScaleCutoffCallback`` work); same as ``reference_scale`` at call time, but persistent."""
+        reference_support.set_scale(self.unet, scale)
+
+    # ------------------------------------------------------------------ state a step-end callback can read
+
+    @property
+    def guidance_scale(self) -> float:
+        """The text guidance scale ``s_text`` of the running call (diffusers' name); a callback may change it."""
+        return self._guidance_scale
+
+    @property
+    def reference_guidance_scale(self) -> float:
+        """The reference guidance scale ``s_ref`` of the running call; a callback may change it."""
+        return self._reference_guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """Whether the unconditional branch runs (the text is guided)."""
+        return UNCOND in self._plan.branches
+
+    @property
+    def do_reference_guidance(self) -> bool:
+        """Whether the reference is guided: the with-reference branch runs beside one without it."""
+        return TEXT_REF in self._plan.branches and self._plan.num_branches > 1
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipe._interrupt = True`` in a callback to skip the remaining steps (as in diffusers)."""
+        return self._interrupt
+
+    # ------------------------------------------------------------------ generation
+
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str],
-        image,
+        prompt: str | list[str] | None = None,
+        image=None,
         product_mask=None,
         reference_image=None,
         negative_prompt: str | list[str] | None = None,
@@ -553,16 +747,22 @@ class DreamPainterPipeline(DiffusionPipeline):
         max_pixels: int | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        reference_image_embeds: torch.Tensor | None = None,
+        latents: torch.Tensor | None = None,
         callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
     ) -> DreamPainterPipelineOutput | tuple:
         """Generate a new background around the product.
 
         Args:
-            prompt: the background description, one per image of the batch.
+            prompt: the background description, one per image of the batch (or ``prompt_embeds``).
             image: the product photo(s): RGB with ``product_mask``, or RGBA whose alpha marks the product
-                (PIL, path, HxWxC array, (C, H, W) tensor in [0, 1]); one per prompt or shared.
-            product_mask: 255 (or 1) = product; soft edges allowed. Inverted into the inpainting mask.
+                (PIL, path, HxWxC array, (C, H, W) tensor in [0, 1], or a batch: (B, H, W, C) array,
+                (B, C, H, W) tensor); one per prompt or shared.
+            product_mask: 255 (or 1) = product; soft edges allowed; one per image, one shared by all images,
+                or a batch ((B, H, W) array, (B, 1, H, W) tensor). Inverted into the inpainting mask.
             reference_image: the background reference(s): one per prompt, shared, or ``None`` (text only);
                 list entries may be ``None``.
             text_guidance_scale, reference_guidance_scale: ``s_text`` and ``s_ref`` of the dual guidance;
@@ -577,7 +777,15 @@ class DreamPainterPipeline(DiffusionPipeline):
             product_dilation: grow the product by this many pixels before inverting (the model keeps a margin).
             paste_product, feather_radius: paste the product's pixels back from the input, feathered outward.
             output_type: ``"pil"``, ``"np"`` (float in [0, 1]), ``"pt"`` or ``"latent"``.
-            callback_on_step_end: ``f(pipe, step, timestep, tensors) -> dict`` called after each step.
+            prompt_embeds, negative_prompt_embeds: precomputed text-encoder states, one row per prompt
+                (``encode_prompt`` gives them), instead of ``prompt`` / ``negative_prompt``.
+            reference_image_embeds: precomputed projection inputs (``encode_reference`` gives them), one row
+                per prompt or one shared, instead of ``reference_image``; all-zero rows mean "no reference".
+            latents: the initial noise, ``(rows, C, H / f, W / f)`` with one row per result.
+            callback_on_step_end: ``f(pipe, step, timestep, tensors) -> dict`` after each step: ``tensors``
+                holds the ``callback_on_step_end_tensor_inputs``; every tensor returned replaces the loop's,
+                and ``pipe._guidance_scale`` / ``pipe._reference_guidance_scale`` / ``pipe._interrupt`` may
+                be changed (a guidance scale set to <= 1 turns classifier-free guidance off, as in diffusers).
         """
         self.check_inputs(
             prompt, image, product_mask, reference_image, negative_prompt,
@@ -586,9 +794,11 @@ class DreamPainterPipeline(DiffusionPipeline):
             num_images_per_prompt=num_images_per_prompt, generator=generator, height=height, width=width,
             resolution=resolution, product_dilation=product_dilation, feather_radius=feather_radius,
             output_type=output_type, callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            reference_image_embeds=reference_image_embeds,
         )  # fmt: skip
-        prompts = _as_list(prompt, "prompt")
-        batch_size, n = len(prompts), int(num_images_per_prompt)
+        batch_size = prompt_embeds.shape[0] if prompt_embeds is not None else len(_as_list(prompt, "prompt"))
+        n = int(num_images_per_prompt)
         num_inference_steps = int(num_inference_steps)
         if reference_guidance_scale is None:
             reference_guidance_scale = text_guidance_scale
@@ -598,6 +808,12 @@ class DreamPainterPipeline(DiffusionPipeline):
         references = self._prepare_references(reference_image, batch_size, max_pixels)
         sizes = self._processing_sizes(products, height, width, resolution)
         if len(set(sizes)) > 1:
+            precomputed = [prompt_embeds, negative_prompt_embeds, reference_image_embeds, latents]
+            if any(value is not None for value in precomputed):
+                raise InvalidInputError(
+                    "prompt_embeds / reference_image_embeds / latents: these images need different processing "
+                    "sizes; give height and width (or images of one size) with precomputed inputs"
+                )
             shared = dict(
                 text_guidance_scale=text_guidance_scale, reference_guidance_scale=reference_guidance_scale,
                 reference_scale=reference_scale, num_inference_steps=num_inference_steps,
@@ -607,23 +823,28 @@ class DreamPainterPipeline(DiffusionPipeline):
                 callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             )  # fmt: skip
             return self._call_per_size(
-                sizes, prompts, products, references, negative_prompt, generator, n, output_type, return_dict,
-                shared,
+                sizes, _as_list(prompt, "prompt"), products, references, negative_prompt, generator, n,
+                output_type, return_dict, shared,
             )  # fmt: skip
         width, height = sizes[0]
         device, dtype = self._execution_device, self.unet.dtype
-        has_reference = any(reference is not None for reference in references)
+        has_reference = reference_image_embeds is not None or any(ref is not None for ref in references)
         plan = GuidancePlan.create(text_guidance_scale, reference_guidance_scale, has_reference)
+        self._guidance_scale, self._reference_guidance_scale = plan.text_scale, plan.reference_scale
+        self._plan, self._interrupt = plan, False
 
         # Conditions: the branches' text rows and reference features.
-        negatives = _negative_prompts(negative_prompt, batch_size) if UNCOND in plan.branches else None
-        prompt_embeds, negative_embeds = self.encode_prompt(prompts, negatives, device, n)
+        prompt_embeds, negative_embeds = self.encode_prompt(
+            prompt, device, n, UNCOND in plan.branches, negative_prompt, prompt_embeds, negative_prompt_embeds
+        )
         features = None
         if self.has_reference_adapter and TEXT_REF in plan.branches:
-            features = self.encode_reference(references, device, n)
-        encoder_hidden_states, added_cond_kwargs = self.prepare_branch_conditions(
-            plan, prompt_embeds, negative_embeds, features, device
-        )
+            features = (
+                self.encode_reference(references, device, n)
+                if reference_image_embeds is None
+                else self._given_reference_features(reference_image_embeds, batch_size, n, device)
+            )
+        conditions = self.prepare_branch_conditions(prompt_embeds, negative_embeds, features, device)
 
         # Latents: noise first, then the masked photos' latents (the order of diffusers' random draws).
         init_image, mask_condition, inpaint_masks = self._preprocess_products(
@@ -631,19 +852,17 @@ class DreamPainterPipeline(DiffusionPipeline):
         )
         timesteps = self._prepare_timesteps(num_inference_steps, device)
         latents = self.prepare_latents(
-            batch_size * n, self.vae.config.latent_channels, height, width, dtype, device, generator
+            batch_size * n, self.vae.config.latent_channels, height, width, dtype, device, generator, latents
         )
         mask_latents, masked_latents = self.prepare_mask_latents(
-            mask_condition, init_image * (mask_condition < 0.5), n, plan.num_branches, height, width, dtype,
-            generator,
-        )  # fmt: skip
+            mask_condition, init_image * (mask_condition < 0.5), n, height, width, dtype, generator
+        )
 
         self._num_timesteps = len(timesteps)
         with reference_support.scale_for_call(self.unet, reference_scale):
             latents = self._denoise(
-                latents, timesteps, mask_latents, masked_latents, encoder_hidden_states, added_cond_kwargs,
-                plan, self._extra_step_kwargs(generator, eta), prompt_embeds,
-                callback_on_step_end, callback_on_step_end_tensor_inputs,
+                latents, timesteps, mask_latents, masked_latents, conditions, has_reference,
+                self._extra_step_kwargs(generator, eta), callback_on_step_end, callback_on_step_end_tensor_inputs,
             )  # fmt: skip
 
         images = self._finish(latents, products, n, paste_product, feather_radius, output_type)
@@ -653,31 +872,63 @@ class DreamPainterPipeline(DiffusionPipeline):
             return images, masks
         return DreamPainterPipelineOutput(images=images, masks=masks)
 
+    def _given_reference_features(
+        self, embeds: torch.Tensor, batch_size: int, num_images_per_prompt: int, device: torch.device
+    ) -> torch.Tensor:
+        """Precomputed projection inputs -> one row per generated image (a single row is shared)."""
+        rows = embeds.to(device=device, dtype=self.unet.dtype)
+        if rows.shape[0] == 1:
+            rows = rows.expand(batch_size, *rows.shape[1:])
+        return rows.repeat_interleave(num_images_per_prompt, dim=0)
+
+    def _replan(self, plan: GuidancePlan, made_from: tuple[float, float], conditions: BranchConditions, has_reference: bool):
+        """The plan for the guidance scales a callback left in ``_guidance_scale`` / ``_reference_guidance_scale``."""
+        scales = (self._guidance_scale, self._reference_guidance_scale)
+        if scales == made_from:
+            return plan, made_from
+        if scales[0] <= 1 < made_from[0]:  # diffusers: guidance_scale <= 1 turns classifier-free guidance off
+            new = GuidancePlan(1.0, float(has_reference), (TEXT_REF if has_reference else TEXT,))
+        else:
+            new = GuidancePlan.create(*scales, has_reference)
+        missing = sorted(set(new.branches) - conditions.available())
+        if missing:
+            raise InvalidInputError(
+                f"callback_on_step_end: guidance scales {scales} need the {missing} branch(es), which this call "
+                "did not prepare; start the call with guidance that runs them"
+            )
+        return new, scales
+
     def _denoise(
         self,
         latents: torch.Tensor,
         timesteps: torch.Tensor,
         mask_latents: torch.Tensor,
         masked_latents: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        added_cond_kwargs: dict[str, torch.Tensor] | None,
-        plan: GuidancePlan,
+        conditions: BranchConditions,
+        has_reference: bool,
         extra_step_kwargs: dict,
-        prompt_embeds: torch.Tensor,
         callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
     ) -> torch.Tensor:
-        """The denoising loop: per step one batched UNet call over ``plan``'s branches, guided, stepped.
+        """The denoising loop: per step one batched UNet call over the plan's branches, guided, stepped.
 
-        ``mask_latents``, ``masked_latents`` and the conditions are laid out branch by branch;
-        ``latents`` has one row per generated image. ``callback_on_step_end`` gets the tensors named in
-        ``callback_on_step_end_tensor_inputs`` after each step and may return new ``latents``.
+        ``latents`` and the mask latents have one row per generated image; the conditions are laid out per
+        branch each step. A step-end callback reads and replaces tensors and may change the guidance
+        (``_guidance_scale``, ``_reference_guidance_scale``) or stop the loop (``_interrupt``).
         """
-        repeat = plan.num_branches
+        plan, made_from = self._plan, (self._guidance_scale, self._reference_guidance_scale)
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for step, t in enumerate(timesteps):
+                if self.interrupt:
+                    progress_bar.update()
+                    continue
+                repeat = plan.num_branches
+                encoder_hidden_states, added_cond_kwargs = conditions.for_plan(plan)
                 model_input = self.scheduler.scale_model_input(torch.cat([latents] * repeat), t)
-                model_input = torch.cat([model_input, mask_latents, masked_latents], dim=1)
+                model_input = torch.cat(
+                    [model_input, mask_latents.repeat(repeat, 1, 1, 1), masked_latents.repeat(repeat, 1, 1, 1)],
+                    dim=1,
+                )
                 noise_pred = self.unet(
                     model_input,
                     t,
@@ -686,13 +937,24 @@ class DreamPainterPipeline(DiffusionPipeline):
                     return_dict=False,
                 )[0]
                 noise_pred = plan.combine(noise_pred)
-                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[
-                    0
-                ]
+                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
                 if callback_on_step_end is not None:
-                    available = {"latents": latents, "prompt_embeds": prompt_embeds, "noise_pred": noise_pred}
+                    available = {
+                        "latents": latents, "prompt_embeds": encoder_hidden_states,
+                        "image_embeds": None if added_cond_kwargs is None else added_cond_kwargs["image_embeds"],
+                        "mask_latents": mask_latents, "masked_image_latents": masked_latents, "noise_pred": noise_pred,
+                    }  # fmt: skip
                     tensors = {name: available[name] for name in callback_on_step_end_tensor_inputs}
-                    latents = callback_on_step_end(self, step, t, tensors).pop("latents", latents)
+                    returned = dict(callback_on_step_end(self, step, t, tensors) or {})
+                    latents = returned.pop("latents", latents)
+                    mask_latents = returned.pop("mask_latents", mask_latents)
+                    masked_latents = returned.pop("masked_image_latents", masked_latents)
+                    returned.pop("noise_pred", None)
+                    plan, made_from = self._replan(plan, made_from, conditions, has_reference)
+                    self._plan = plan
+                    for name in ("prompt_embeds", "image_embeds"):
+                        if name in returned:
+                            conditions.replace(plan, name, returned.pop(name))
                 progress_bar.update()
         return latents
 

@@ -14,7 +14,7 @@ from dreampainter.models import (
     get_adapter_config,
     has_reference_adapter,
     reference_features,
-    reference_processors,
+    reference_layers,
     set_reference_scale,
 )
 
@@ -48,10 +48,10 @@ def scale_for_call(unet, scale: float | dict | None) -> Iterator[None]:
     if scale is None or not has_reference_adapter(unet):
         yield
         return
-    previous = {name: processor.scale for name, processor in reference_processors(unet).items()}
+    previous = {name: attn.reference_scale for name, attn in reference_layers(unet).items()}
     set_scale(unet, scale)
     try:
         yield
     finally:
-        for name, processor in reference_processors(unet).items():
-            processor.scale = previous[name]
+        for name, attn in reference_layers(unet).items():
+            attn.reference_scale = previous[name]
