@@ -149,3 +149,41 @@ def test_save_refuses_an_incomplete_adapter_naming_what_is_missing(tmp_path):
     with pytest.raises(InvalidInputError, match=r"1 projection\(s\) missing, e.g. .*attn2.to_v_ref"):
         save_adapter(unet, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
+
+
+class OwnOutputProjection(AttnProcessor2_0):
+    """A processor that projects its output with the weights directly, never calling ``to_out[0]``:
+    the branch must then add its term to the layer's output (the fallback path)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        projection = attn.to_out[0]
+        original, attn.to_out[0] = projection, torch.nn.Identity()
+        try:
+            out = super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        finally:
+            attn.to_out[0] = original
+        return projection(out)
+
+
+def test_a_processor_that_bypasses_to_out_gets_the_same_reference_term():
+    unet = _adapted_unet()
+    plain = _run(unet)
+    unet.set_attn_processor(OwnOutputProjection())
+    assert torch.allclose(_run(unet), plain, atol=1e-5)
+
+
+def test_lora_on_query_and_output_projections_is_used_by_the_reference_branch():
+    """peft wraps to_q / to_out.0 after the adapter is installed (stage 2 with LoRA): the branch must use
+    the wrapped projections, in the fast path (hooks on them) as in the fallback (the layer's output)."""
+    from peft import LoraConfig
+
+    unet = _adapted_unet()
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_out.0"]))
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    fast = _run(unet)
+    unet.set_attn_processor(OwnOutputProjection())
+    assert torch.allclose(_run(unet), fast, atol=1e-5)
+    assert (fast - _run(unet, torch.zeros(2, 24))).abs().max() > 1e-3

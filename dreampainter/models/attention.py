@@ -27,7 +27,8 @@ from torch import nn
 
 # Per-call weight of the reference: ``cross_attention_kwargs={"reference_scale": s}`` (multiplies the layer's).
 CALL_SCALE_KWARG = "reference_scale"
-_PENDING = "_dreampainter_reference_call"  # set by the pre-hook, consumed by the post-hook of one call
+_PENDING = "_dreampainter_reference_call"  # set by the layer's pre-hook, cleared by its post-hook
+_OWNER = "_dreampainter_reference_layer"  # on to_q / to_out[0]: the layer whose reference they serve
 
 
 def add_reference_branch(attn: Attention, scale: float = 1.0) -> None:
@@ -43,7 +44,7 @@ def add_reference_branch(attn: Attention, scale: float = 1.0) -> None:
 
 
 def attach_reference_hooks(attn: Attention) -> None:
-    """Register the pre/post forward hooks that run the reference branch (idempotent).
+    """Register the forward hooks that run the reference branch (idempotent).
 
     The hooks are found again by identity (not by handle), so a deep copy of the UNet keeps working hooks.
     """
@@ -52,11 +53,23 @@ def attach_reference_hooks(attn: Attention) -> None:
         attn.register_forward_hook(_add_reference, with_kwargs=True)
 
 
+def _ensure_hook(module: nn.Module, owner: Attention, function, pre: bool) -> None:
+    """Hook ``function`` onto ``module`` (the layer's current ``to_q`` / ``to_out[0]``, which a LoRA wrapper
+    or a fused projection may have replaced since the last call), remembering the layer that owns it."""
+    hooks = module._forward_pre_hooks if pre else module._forward_hooks
+    if function not in hooks.values():
+        (module.register_forward_pre_hook if pre else module.register_forward_hook)(function)
+    object.__setattr__(module, _OWNER, owner)
+
+
 def _detach_hooks(attn: Attention) -> None:
-    for hooks, kwargs_ids, function in (
-        (attn._forward_pre_hooks, attn._forward_pre_hooks_with_kwargs, _split_reference),
-        (attn._forward_hooks, attn._forward_hooks_with_kwargs, _add_reference),
-    ):
+    targets = [
+        (attn, attn._forward_pre_hooks, attn._forward_pre_hooks_with_kwargs, _split_reference),
+        (attn, attn._forward_hooks, attn._forward_hooks_with_kwargs, _add_reference),
+        (attn.to_q, attn.to_q._forward_hooks, attn.to_q._forward_hooks_with_kwargs, _capture_query),
+        (attn.to_out[0], attn.to_out[0]._forward_pre_hooks, attn.to_out[0]._forward_pre_hooks_with_kwargs, _add_before_output),
+    ]  # fmt: skip
+    for _, hooks, kwargs_ids, function in targets:
         for hook_id in [key for key, hook in hooks.items() if hook is function]:
             del hooks[hook_id]
             kwargs_ids.pop(hook_id, None)
@@ -72,8 +85,19 @@ def has_reference_branch(module: nn.Module) -> bool:
     return isinstance(module, Attention) and isinstance(getattr(module, "to_k_ref", None), nn.Linear)
 
 
+class _PendingReference:
+    """One layer call's reference work, from the layer's pre-hook to its post-hook."""
+
+    __slots__ = ("hidden_states", "reference", "scale", "temb", "query", "added")
+
+    def __init__(self, hidden_states, reference, scale, temb) -> None:
+        self.hidden_states, self.reference, self.scale, self.temb = hidden_states, reference, scale, temb
+        self.query: torch.Tensor | None = None
+        self.added = False
+
+
 def _split_reference(attn: Attention, args: tuple, kwargs: dict[str, Any]):
-    """Pre-hook: hand the processor the text tokens alone; keep the reference tokens for the post-hook."""
+    """Layer pre-hook: hand the processor the text tokens alone; keep the reference for the other hooks."""
     call_scale = kwargs.pop(CALL_SCALE_KWARG, None)
     in_kwargs = "encoder_hidden_states" in kwargs
     states = kwargs.get("encoder_hidden_states") if in_kwargs else (args[1] if len(args) > 1 else None)
@@ -89,20 +113,42 @@ def _split_reference(attn: Attention, args: tuple, kwargs: dict[str, Any]):
         else:
             args = (args[0], states, *args[2:])
     scale = attn.reference_scale * (1.0 if call_scale is None else float(call_scale))
-    hidden_states = args[0] if args else kwargs["hidden_states"]
-    pending = None if reference is None or scale == 0 else (hidden_states, reference, scale, kwargs.get("temb"))
+    pending = None
+    if reference is not None and scale != 0:
+        hidden_states = args[0] if args else kwargs["hidden_states"]
+        pending = _PendingReference(hidden_states, reference, scale, kwargs.get("temb"))
+        _ensure_hook(attn.to_q, attn, _capture_query, pre=False)
+        _ensure_hook(attn.to_out[0], attn, _add_before_output, pre=True)
     object.__setattr__(attn, _PENDING, pending)
     return args, kwargs
 
 
-def _add_reference(attn: Attention, args: tuple, kwargs: dict[str, Any], output: torch.Tensor) -> torch.Tensor:
-    """Post-hook: add ``scale * to_out(Attn(q, K_ref, V_ref))`` to the processor's output."""
+def _capture_query(to_q: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    """``to_q`` hook: keep the query the processor computed (the reference attends with the same one)."""
+    pending = getattr(getattr(to_q, _OWNER, None), _PENDING, None)
+    if pending is not None and not pending.added:
+        pending.query = output
+
+
+def _add_before_output(to_out: nn.Module, args: tuple):
+    """``to_out[0]`` pre-hook: its input becomes ``Attn(q, K_text, V_text) + scale * Attn(q, K_ref, V_ref)``,
+    exactly IP-Adapter's sum, for any processor that projects its attention output with ``to_out[0]``."""
+    attn = getattr(to_out, _OWNER, None)
     pending = getattr(attn, _PENDING, None)
-    if pending is None:
-        return output
+    if pending is None or pending.query is None or pending.added or args[0].shape[:-1] != pending.query.shape[:-1]:
+        return None
+    pending.added = True
+    return (args[0] + pending.scale * _reference_attention(attn, pending.query, pending.reference), *args[1:])
+
+
+def _add_reference(attn: Attention, args: tuple, kwargs: dict[str, Any], output: torch.Tensor) -> torch.Tensor:
+    """Layer post-hook: a processor that did not go through ``to_q`` / ``to_out[0]`` gets the reference term
+    added to its output instead (``to_out`` is linear, so this equals projecting the sum)."""
+    pending = getattr(attn, _PENDING, None)
     object.__setattr__(attn, _PENDING, None)
-    hidden_states, reference, scale, temb = pending
-    return output + scale * reference_attention_output(attn, hidden_states, reference, temb)
+    if pending is None or pending.added:
+        return output
+    return output + pending.scale * reference_attention_output(attn, pending.hidden_states, pending.reference, pending.temb)
 
 
 def _projection_dtype(layer: nn.Module, compute_dtype: torch.dtype) -> torch.dtype:
@@ -126,22 +172,25 @@ def reference_attention_output(
         hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
     if attn.group_norm is not None:
         hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-    batch_size, heads = hidden_states.shape[0], attn.heads
     query = attn.to_q(hidden_states)
-    head_dim = query.shape[-1] // heads
-    query = query.view(batch_size, -1, heads, head_dim).transpose(1, 2)
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-
-    tokens = reference.flatten(1, 2) if reference.ndim == 4 else reference  # diffusers' (B, images, N, C)
-    tokens = tokens.to(_projection_dtype(attn.to_k_ref, query.dtype))
-    key = attn.to_k_ref(tokens).to(query.dtype).view(batch_size, -1, heads, head_dim).transpose(1, 2)
-    value = attn.to_v_ref(tokens).to(query.dtype).view(batch_size, -1, heads, head_dim).transpose(1, 2)
-    out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-    out = out.transpose(1, 2).reshape(batch_size, -1, heads * head_dim).to(query.dtype)
-
+    out = _reference_attention(attn, query, reference)
     projection = attn.to_out[0]  # a Linear, a LoRA-wrapped Linear, or a layerwise-cast Linear: call it
     out = projection(out) - projection(out.new_zeros((1, 1, out.shape[-1])))
     if input_ndim == 4:
         out = out.transpose(-1, -2).reshape(batch_size, channel, height, width)
     return out / attn.rescale_output_factor
+
+
+def _reference_attention(attn: Attention, query: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``Attn(q, K_ref, V_ref)`` for the layer's projected query ``(B, N, heads * head_dim)``, same layout."""
+    batch_size, heads = query.shape[0], attn.heads
+    head_dim = query.shape[-1] // heads
+    query = query.view(batch_size, -1, heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    tokens = reference.flatten(1, 2) if reference.ndim == 4 else reference  # diffusers' (B, images, N, C)
+    tokens = tokens.to(_projection_dtype(attn.to_k_ref, query.dtype))
+    key = attn.to_k_ref(tokens).to(query.dtype).view(batch_size, -1, heads, head_dim).transpose(1, 2)
+    value = attn.to_v_ref(tokens).to(query.dtype).view(batch_size, -1, heads, head_dim).transpose(1, 2)
+    out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+    return out.transpose(1, 2).reshape(batch_size, -1, heads * head_dim).to(query.dtype)
