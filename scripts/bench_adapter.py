@@ -25,6 +25,7 @@ from dreampainter.models import (
     without_reference_adapter,
 )
 from dreampainter.models.unet_configs import sd15_inpainting_unet_config
+from dreampainter.utils.logging import silence_known_noise
 
 
 def _step(unet, latents, timesteps, text, features=None) -> tuple[float, float]:
@@ -40,6 +41,7 @@ def _step(unet, latents, timesteps, text, features=None) -> tuple[float, float]:
 
 
 def main() -> None:
+    silence_known_noise()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--mode", choices=["full", "frozen"], default="full")

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 
 from dreampainter.data.loading.augment import CLIP_MEAN, CLIP_STD
 from dreampainter.data.loading.loader import build_dataloader
+from dreampainter.utils.logging import silence_known_noise
 
 
 def _scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -150,6 +151,7 @@ def run_decode_only(paths: list[str]) -> int:
 
 
 def main() -> None:
+    silence_known_noise()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=192)
     parser.add_argument("--repeats", type=int, default=5)

@@ -34,6 +34,7 @@ from dreampainter.models import (
 from dreampainter.pipelines import DreamPainterPipeline
 from dreampainter.pipelines.image_processing import place_cutout
 from dreampainter.toy.models import build_clip_tokenizer, build_tiny_scheduler, build_tiny_text_encoder
+from dreampainter.utils.logging import silence_known_noise
 
 WIDTH = 256  # cross-attention / text width of the benchmark components
 
@@ -96,6 +97,7 @@ def timed(fn) -> tuple[float, float]:
 
 
 def main() -> None:
+    silence_known_noise()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)

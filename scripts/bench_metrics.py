@@ -15,6 +15,8 @@ import time
 
 import numpy as np
 
+from dreampainter.utils.logging import silence_known_noise
+
 
 def scene(size: int, seed: int = 0):
     rng = np.random.default_rng(seed)
@@ -34,6 +36,7 @@ def timed(fn, repeats: int) -> tuple[float, object]:
 
 
 def main() -> None:
+    silence_known_noise()
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)

@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from dreampainter.utils.logging import silence_known_noise
+
 VARIANTS = ("reference", "uncached", "cached")
 RESOLUTION = 64
 REFERENCE_SIZE = 64
@@ -387,6 +389,7 @@ def _current_rss_mb() -> float:
 
 
 def main() -> None:
+    silence_known_noise()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)

@@ -38,6 +38,8 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dreampainter.utils.logging import silence_known_noise
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
@@ -410,6 +412,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    silence_known_noise()
     args = parse_args(argv)
     started = time.perf_counter()
     import torch
