@@ -132,8 +132,9 @@ def test_conditional_branch_equals_diffusers_load_ip_adapter(world, adapter):
     """Same parts in diffusers (StableDiffusionInpaintPipeline + load_ip_adapter + the same image encoder): the
     text, the image features and the conditional (prompt + reference) UNet output agree.
 
-    The unconditional guidance branch differs by design for IP-Adapter Plus: diffusers encodes a black image
-    for it, DreamPainter feeds zero features ("no reference", exactly the text-only UNet)."""
+    The unconditional guidance branch differs by design: diffusers runs the adapter there on zero image
+    embeddings (linear) or on a black image's tokens (Plus); DreamPainter feeds zero features, which mean
+    "no reference" (exactly the text-only UNet)."""
     path = world[adapter]
     ours = DreamPainterPipeline.from_parts(world["base"], reference_encoder=world["vision"], adapter=path)
     image_encoder = CLIPVisionModelWithProjection.from_pretrained(str(world["vision"]), local_files_only=True)
@@ -158,6 +159,32 @@ def test_conditional_branch_equals_diffusers_load_ip_adapter(world, adapter):
     reference = _unet_call(theirs.unet, [their_features[:, None]])
     assert (mine - reference).abs().max() <= 1e-5
     assert (mine - _unet_call(ours.unet, torch.zeros_like(our_features))).abs().max() > 1e-3  # the branch acts
+
+
+def test_conditional_generation_equals_diffusers_ip_adapter(world):
+    """IP-Adapter (linear), guidance 1 (only the prompt + reference branch runs): whole generations agree.
+
+    With guidance the unconditional branches differ by design: diffusers runs the adapter on zero image
+    embeddings (its projection of zeros is not zero), DreamPainter runs no reference branch there (zero
+    features mean "no reference", exactly the text-only UNet)."""
+    ours = DreamPainterPipeline.from_parts(world["base"], reference_encoder=world["vision"], adapter=world["linear"])
+    ours.set_progress_bar_config(disable=True)
+    theirs = StableDiffusionInpaintPipeline.from_pretrained(str(world["base"]), safety_checker=None, local_files_only=True)
+    path = world["linear"]
+    theirs.load_ip_adapter(str(path.parent), subfolder="", weight_name=path.name, image_encoder_folder=None)
+    theirs.set_progress_bar_config(disable=True)
+    photo, mask, reference = _inputs()
+    embeds = ours.reference_encoder.encode(reference).image_embeds
+    mine = ours(
+        "a marble kitchen", photo, mask, reference_image_embeds=embeds, text_guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(3), paste_product=False, **FAST,
+    ).images  # fmt: skip
+    expected = theirs(
+        "a marble kitchen", image=photo, mask_image=Image.fromarray(255 - mask), height=32, width=32,
+        ip_adapter_image_embeds=[embeds[:, None]], guidance_scale=1.0, generator=torch.Generator().manual_seed(3),
+        **FAST,
+    ).images  # fmt: skip
+    assert np.abs(mine - expected).max() <= 1e-5
 
 
 # ------------------------------------------------------------------------------ formats, save and reload
