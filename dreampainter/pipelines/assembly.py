@@ -30,6 +30,7 @@ from dreampainter.models import (
 from dreampainter.models.adapter_io import infer_ip_adapter_config, read_ip_adapter_file
 
 BASE_COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+LIBRARIES = ("diffusers", "transformers")  # what a base folder's model_index.json may name
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 INPAINTING_HINT = (
     "download an inpainting model instead, e.g. the 9-channel UNet of runwayml/stable-diffusion-inpainting "
@@ -78,7 +79,9 @@ def _load_base_folder(folder: Path) -> dict[str, Any]:
         if not (folder / name).is_dir():
             raise MissingFileError(f"--base: {folder / name} is missing (download the whole '{name}/' folder)")
         library, class_name = entry
-        component_class = getattr(importlib.import_module(library), class_name)
+        component_class = getattr(importlib.import_module(library), class_name, None) if library in LIBRARIES else None
+        if component_class is None:
+            raise CheckpointMismatchError(f"{index_file}: '{name}' names {library}.{class_name}, not a diffusers / transformers class")
         try:
             parts[name] = component_class.from_pretrained(str(folder), subfolder=name, local_files_only=True)
         except (OSError, ValueError, RuntimeError) as error:
