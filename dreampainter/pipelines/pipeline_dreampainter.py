@@ -237,6 +237,38 @@ class DreamPainterPipeline(DiffusionPipeline):
             load_adapter(pipe.unet, adapter_folder)
         return pipe
 
+    @classmethod
+    def from_parts(
+        cls,
+        base: str | os.PathLike,
+        *,
+        base_config: str | os.PathLike | None = None,
+        reference_encoder: str | os.PathLike | None = None,
+        open_clip_model: str | None = None,
+        adapter: str | os.PathLike | None = None,
+        adapter_scale: float | None = None,
+        lora: str | os.PathLike | None = None,
+        lora_scale: float = 1.0,
+        fuse_lora: bool = True,
+    ) -> DreamPainterPipeline:
+        """Build a pipeline from local public weights (SD inpainting, a CLIP image encoder, an IP-Adapter,
+        optionally a LoRA) without the trainer; see :func:`dreampainter.pipelines.assembly.assemble_components`."""
+        from dreampainter.pipelines.assembly import assemble_components
+
+        return cls(
+            **assemble_components(
+                base,
+                base_config=base_config,
+                reference_encoder=reference_encoder,
+                open_clip_model=open_clip_model,
+                adapter=adapter,
+                adapter_scale=adapter_scale,
+                lora=lora,
+                lora_scale=lora_scale,
+                fuse_lora=fuse_lora,
+            )
+        )
+
     # ------------------------------------------------------------------ conditions
 
     @property

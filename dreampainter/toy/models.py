@@ -211,3 +211,100 @@ def write_tiny_clip_vision_folder(folder: str | os.PathLike, seed: int = 0) -> P
     model = CLIPVisionModelWithProjection(tiny_clip_vision_config())
     model.save_pretrained(str(folder))
     return Path(folder)
+
+
+# ---------------------------------------------------------------------------- single-file checkpoints
+_RESNET_TO_LDM = (
+    ("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"), ("conv2", "out_layers.3"),
+    ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"),
+)  # fmt: skip
+_UNET_TOP_TO_LDM = {
+    "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+    "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+}  # fmt: skip
+_VAE_ATTENTION_TO_LDM = (("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."), ("to_out.0.", "proj_out."))
+
+
+def _rename_resnet(rest: str) -> str:
+    head, _, tail = rest.partition(".")
+    return dict(_RESNET_TO_LDM).get(head, head) + "." + tail
+
+
+def _unet_key_to_ldm(key: str, config) -> str:
+    """A diffusers UNet key -> its name in an original (LDM) Stable Diffusion checkpoint."""
+    per_block = config.layers_per_block + 1
+    parts = key.split(".")
+    for prefix in (parts[0], ".".join(parts[:2])):
+        if prefix in _UNET_TOP_TO_LDM:
+            return f"{_UNET_TOP_TO_LDM[prefix]}.{key.removeprefix(prefix + '.')}"
+    if parts[0] == "mid_block":
+        kind, index, rest = parts[1], int(parts[2]), ".".join(parts[3:])
+        return f"middle_block.{2 * index}.{_rename_resnet(rest)}" if kind == "resnets" else f"middle_block.1.{rest}"
+    block, kind, index, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
+    if parts[0] == "down_blocks":
+        if kind == "downsamplers":  # ``downsamplers.0.conv.weight`` -> ``op.weight``
+            return f"input_blocks.{per_block * (block + 1)}.0.op.{rest.removeprefix('conv.')}"
+        slot = "0" if kind == "resnets" else "1"
+        rest = _rename_resnet(rest) if kind == "resnets" else rest
+        return f"input_blocks.{per_block * block + index + 1}.{slot}.{rest}"
+    if kind == "upsamplers":
+        has_attention = config.up_block_types[block].startswith("CrossAttn")
+        return f"output_blocks.{per_block * block + per_block - 1}.{2 if has_attention else 1}.{rest}"
+    slot = "0" if kind == "resnets" else "1"
+    rest = _rename_resnet(rest) if kind == "resnets" else rest
+    return f"output_blocks.{per_block * block + index}.{slot}.{rest}"
+
+
+def _vae_key_to_ldm(key: str, num_blocks: int) -> tuple[str, bool]:
+    """A diffusers VAE key -> ``(LDM name, whether it is a mid-attention linear stored as a 1x1 conv)``."""
+    side, _, rest = key.partition(".")
+    parts = rest.split(".")
+    if parts[0] in ("down_blocks", "up_blocks"):
+        block = int(parts[1]) if parts[0] == "down_blocks" else num_blocks - 1 - int(parts[1])
+        name = "down" if parts[0] == "down_blocks" else "up"
+        if parts[2] == "resnets":
+            tail = ".".join(parts[4:]).replace("conv_shortcut", "nin_shortcut")
+            return f"{side}.{name}.{block}.block.{parts[3]}.{tail}", False
+        return f"{side}.{name}.{block}.{'downsample' if name == 'down' else 'upsample'}.{'.'.join(parts[4:])}", False
+    if parts[0] == "mid_block" and parts[1] == "resnets":
+        tail = ".".join(parts[3:]).replace("conv_shortcut", "nin_shortcut")
+        return f"{side}.mid.block_{int(parts[2]) + 1}.{tail}", False
+    if parts[0] == "mid_block":
+        tail = ".".join(parts[3:])
+        for ours, theirs in _VAE_ATTENTION_TO_LDM:
+            if tail.startswith(ours):
+                tail = theirs + tail.removeprefix(ours)
+        return f"{side}.mid.attn_1.{tail}", tail.endswith("weight") and not tail.startswith("norm.")
+    if rest.startswith("conv_norm_out."):
+        return f"{side}.norm_out.{rest.removeprefix('conv_norm_out.')}", False
+    return key, False
+
+
+def original_sd_state_dict(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel) -> dict:
+    """The three models as one state dict in the original (LDM) Stable Diffusion 1.x layout, the layout of
+    ``sd-v1-5-inpainting.ckpt`` / ``.safetensors`` that diffusers' ``from_single_file`` converts back."""
+    out = {}
+    for key, value in unet.state_dict().items():
+        out["model.diffusion_model." + _unet_key_to_ldm(key, unet.config)] = value
+    for key, value in vae.state_dict().items():
+        name, conv = _vae_key_to_ldm(key, len(vae.config.block_out_channels))
+        out["first_stage_model." + name] = value[..., None, None] if conv else value
+    for key, value in text_encoder.state_dict().items():  # recent transformers drop the ``text_model.`` level
+        out["cond_stage_model.transformer.text_model." + key.removeprefix("text_model.")] = value
+    return {key: value.detach().cpu().contiguous() for key, value in out.items()}
+
+
+def write_single_file_checkpoint(
+    path: str | os.PathLike, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel
+) -> Path:
+    """Write the models as one original-layout checkpoint: ``.safetensors`` (flat) or ``.ckpt``
+    (``{"state_dict": ...}``, as the CompVis / RunwayML checkpoints are saved)."""
+    path = Path(path)
+    state = original_sd_state_dict(unet, vae, text_encoder)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+    else:
+        torch.save({"state_dict": state}, path)
+    return path
