@@ -247,3 +247,19 @@ def test_two_processes_give_the_same_comparison_as_one(setup, one_process):
         for column, stats in columns.items():
             assert two["paired"][name][column] == pytest.approx(stats, rel=1e-6, abs=1e-9), (name, column)
     assert two["contact_sheet"]["keys"] == one["contact_sheet"]["keys"]
+
+
+def test_a_failed_reference_system_leaves_the_paired_statistics_out_with_the_reason(setup, tmp_path):
+    from dreampainter.evaluation.compare import load_compare_file, run_comparison
+
+    def change(systems):
+        systems["systems"] = {name: systems["systems"][name] for name in ("broken", "paste", "copy")}
+        systems["comparison"]["reference_system"] = "broken"
+
+    compare = load_compare_file(_systems_file(setup, tmp_path / "systems.yaml", change), ["benchmark.limit=4"])
+    comparison = run_comparison(compare, setup / "toy" / "bench", tmp_path / "out", progress=False)
+    rows = _rows(comparison)
+    assert rows["broken"]["status"] == "failed" and rows["paste"]["samples"] == 4 == rows["copy"]["samples"]
+    assert "broken did not load" in comparison["paired"]["skipped"]
+    assert "skipped" in comparison["contact_sheet"]
+    assert "Not computed: the reference system broken did not load" in (tmp_path / "out" / "comparison.md").read_text()

@@ -172,7 +172,8 @@ def run_comparison(
             print(f"warning: metric {name} skipped: {reason}", file=sys.stderr)
     results: dict[str, dict[str, Any]] = {}
     suites: dict[str, MetricSuite] = {}
-    for index, (name, entry) in enumerate(compare.systems.items()):
+    used = False  # the first system that loads gets the suite built above, the others fresh ones
+    for name, entry in compare.systems.items():
         error = None
         try:
             system = load_system(entry, device, dtype)
@@ -184,13 +185,10 @@ def run_comparison(
                 print(f"warning: system {name} failed to load and is skipped: {failed}", file=sys.stderr)
             results[name] = {"status": "failed", "error": failed}
             continue
-        suite = (
-            shared
-            if index == 0
-            else build_run_suites(
-                [MAIN_RUN], evaluation, group, backbones=shared.backbones, segmenter=segmenter
-            )[MAIN_RUN]
-        )
+        suite = shared if not used else build_run_suites(
+            [MAIN_RUN], evaluation, group, backbones=shared.backbones, segmenter=segmenter
+        )[MAIN_RUN]  # fmt: skip
+        used = True
         if group.is_main and progress:
             print(f"system {name} ({entry.kind})", file=sys.stderr)
         report = run_benchmark(

@@ -18,6 +18,9 @@ report = run_benchmark(pipe, "bench/", "eval_out/", EvaluationConfig.from_dict(c
   order) dealt out round-robin, so each sample is generated in the same batch whatever the number
   of processes; metric states (``MetricSuite.state_dict``) are gathered and merged on the main
   process, which writes the report: bitwise the same numbers as one process at the same batch size.
+- **Systems**: ``pipe`` may also be a :class:`BenchmarkSystem` (``evaluation/systems.py``: diffusers
+  pipelines, the reference-paste baseline, the input photo) that makes results for a batch the same way;
+  ``evaluation/compare.py`` runs several of them on the same samples and seeds.
 - **Outputs** (``out/``): ``metrics.json`` (all runs, skipped metrics with reasons, config,
   counts, bad samples), ``per_sample.csv``, ``contact_sheet.png`` and ``images/<run>/<key>.png``.
 """
