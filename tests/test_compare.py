@@ -263,3 +263,38 @@ def test_a_failed_reference_system_leaves_the_paired_statistics_out_with_the_rea
     assert "broken did not load" in comparison["paired"]["skipped"]
     assert "skipped" in comparison["contact_sheet"]
     assert "Not computed: the reference system broken did not load" in (tmp_path / "out" / "comparison.md").read_text()
+
+
+def test_a_diffusers_system_with_dreampainters_weights_gives_dreampainters_results(setup, tmp_path):
+    """The text-only DreamPainter pipeline equals diffusers' inpainting pipeline (tests/test_pipeline.py), so
+    the two systems built from the same weights must agree: same seeds, masks, sizes and compositing."""
+    from diffusers import StableDiffusionInpaintPipeline
+    from PIL import Image
+
+    from dreampainter.evaluation.compare import load_compare_file, run_comparison
+    from dreampainter.toy.pipeline import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(tmp_path / "tokenizer", reference=False, seed=2)
+    pipe.save_pretrained(tmp_path / "text_only")
+    components = {name: getattr(pipe, name) for name in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
+    StableDiffusionInpaintPipeline(
+        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    ).save_pretrained(tmp_path / "diffusers")
+
+    def change(systems):
+        systems["systems"] = {
+            "ours": {"kind": "dreampainter", "pipeline": str(tmp_path / "text_only")},
+            "theirs": {"kind": "diffusers_inpaint", "pipeline": str(tmp_path / "diffusers")},
+        }
+        systems["comparison"]["reference_system"] = "ours"
+
+    compare = load_compare_file(_systems_file(setup, tmp_path / "systems.yaml", change), ["benchmark.limit=4"])
+    out = tmp_path / "out"
+    comparison = run_comparison(compare, setup / "toy" / "bench", out, progress=False)
+    rows = _rows(comparison)
+    for name in ("bg_delta_e", "bg_emd", "psnr", "clip_i"):  # another guidance scale moves bg_delta_e by 0.03
+        assert rows["theirs"]["values"][name] == pytest.approx(rows["ours"]["values"][name], rel=1e-4, abs=1e-4)
+    for image in (out / "systems" / "ours" / "images" / "main").glob("*.png"):
+        theirs = out / "systems" / "theirs" / "images" / "main" / image.name
+        difference = np.abs(np.asarray(Image.open(image), np.int16) - np.asarray(Image.open(theirs), np.int16))
+        assert difference.max() <= 1, image.name  # float rounding at most flips one 8-bit level
