@@ -55,6 +55,36 @@ def pick_cases(values: dict[str, float], higher_is_better: bool, count: int) -> 
     return best, worst
 
 
+def write_sample_sheet(
+    path: str | os.PathLike,
+    *,
+    data: str,
+    limit: int | None,
+    index_of: dict[str, int],
+    keys: list[str],
+    captions: list[str],
+    results: list[tuple[str, Path, str]],
+) -> None:
+    """One row per sample ``key``: photo, product mask, reference, then one tile per ``(label, folder, run)``
+    of ``results`` (the image saved at ``images/<run>/<key>.png`` under ``folder``; grey when absent)."""
+    from dreampainter.evaluation.bench_data import read_samples
+
+    inputs = read_samples(data, [index_of[key] for key in keys], limit)
+    rows = []
+    for key in keys:
+        sample = inputs[index_of[key]]
+        tiles = [
+            ("photo", sample.photo),
+            ("product mask", Image.fromarray(np.asarray(sample.product_mask))),
+            ("reference", sample.reference),
+        ]
+        for label, folder, run in results:
+            result = image_path(Path(folder), run, key)
+            tiles.append((label, Image.open(result) if result.exists() else None))
+        rows.append(tiles)
+    image_grid(rows, tile=TILE, captions=captions).save(path)
+
+
 def write_contact_sheet(
     out: str | os.PathLike,
     *,
@@ -68,8 +98,6 @@ def write_contact_sheet(
     index_of: dict[str, int],
 ) -> dict[str, Any]:
     """Write ``contact_sheet.png``; returns what it shows (or ``{"skipped": reason}``)."""
-    from dreampainter.evaluation.bench_data import read_samples
-
     if not images_saved:
         return {"skipped": "result images were not saved (save_images: false)"}
     suite = suites[MAIN_RUN]
@@ -79,23 +107,17 @@ def write_contact_sheet(
     values = {key: row.get(chosen, math.nan) for key, row in suite.per_sample().items()}
     higher = suite.higher_is_better()[chosen]
     best, worst = pick_cases(values, higher, count)
-    inputs = read_samples(data, [index_of[key] for key in (*best, *worst)], limit)
     out = Path(out)
-    rows, captions = [], []
-    for label, keys in (("best", best), ("worst", worst)):
-        for rank, key in enumerate(keys, start=1):
-            sample = inputs[index_of[key]]
-            tiles = [
-                ("photo", sample.photo),
-                ("product mask", Image.fromarray(np.asarray(sample.product_mask))),
-                ("reference", sample.reference),
-            ]
-            for run in runs:
-                path = image_path(out, run, key)
-                tiles.append((run, Image.open(path) if path.exists() else None))
-            rows.append(tiles)
-            captions.append(f"{label} {rank}: {key}  {chosen} = {values[key]:.4g}")
-    image_grid(rows, tile=TILE, captions=captions).save(out / CONTACT_SHEET_FILE)
+    rows = [(label, rank, key) for label, keys in (("best", best), ("worst", worst)) for rank, key in enumerate(keys, 1)]
+    write_sample_sheet(
+        out / CONTACT_SHEET_FILE,
+        data=data,
+        limit=limit,
+        index_of=index_of,
+        keys=[key for _, _, key in rows],
+        captions=[f"{label} {rank}: {key}  {chosen} = {values[key]:.4g}" for label, rank, key in rows],
+        results=[(run, out, run) for run in runs],
+    )
     return {
         "file": CONTACT_SHEET_FILE,
         "metric": chosen,
@@ -105,4 +127,4 @@ def write_contact_sheet(
     }
 
 
-__all__ = ["CONTACT_SHEET_FILE", "choose_metric", "pick_cases", "write_contact_sheet"]
+__all__ = ["CONTACT_SHEET_FILE", "choose_metric", "pick_cases", "write_contact_sheet", "write_sample_sheet"]

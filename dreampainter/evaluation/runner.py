@@ -18,6 +18,9 @@ report = run_benchmark(pipe, "bench/", "eval_out/", EvaluationConfig.from_dict(c
   order) dealt out round-robin, so each sample is generated in the same batch whatever the number
   of processes; metric states (``MetricSuite.state_dict``) are gathered and merged on the main
   process, which writes the report: bitwise the same numbers as one process at the same batch size.
+- **Systems**: ``pipe`` may also be a :class:`BenchmarkSystem` (``evaluation/systems.py``: diffusers
+  pipelines, the reference-paste baseline, the input photo) that makes results for a batch the same way;
+  ``evaluation/compare.py`` runs several of them on the same samples and seeds.
 - **Outputs** (``out/``): ``metrics.json`` (all runs, skipped metrics with reasons, config,
   counts, bad samples), ``per_sample.csv``, ``contact_sheet.png`` and ``images/<run>/<key>.png``.
 """
@@ -125,20 +128,29 @@ def generate_batch(
     product is pasted back here with the pipeline's own feathered compositing, so one generation
     gives both the image the product metrics need and the final result.
     """
-    from dreampainter.pipelines.image_processing import composite, feathered_alpha
-
-    generators = [torch.Generator().manual_seed(sample_seed(settings.seed, s.key)) for s in samples]
     output = pipe(
         prompt=[s.prompt for s in samples],
         image=[s.photo for s in samples],
         product_mask=[s.product_mask for s in samples],
         reference_image=references,
-        generator=generators,
+        generator=sample_generators(samples, settings.seed),
         **settings.pipeline_kwargs(),
         paste_product=False,
         output_type="np",
     )
-    raw = [np.asarray(image, dtype=np.float32) for image in output.images]
+    return paste_products([np.asarray(image, dtype=np.float32) for image in output.images], samples, settings)
+
+
+def sample_generators(samples: list[BenchSample], seed: int) -> list[torch.Generator]:
+    """One CPU generator per sample, seeded with :func:`sample_seed`."""
+    return [torch.Generator().manual_seed(sample_seed(seed, s.key)) for s in samples]
+
+
+def paste_products(raw: list[np.ndarray], samples: list[BenchSample], settings: GenerationSettings) -> Generated:
+    """Raw results (float HxWx3 at the photos' sizes) and the same with each photo's product pasted back
+    (the pipeline's feathered compositing, ``settings.feather_radius``)."""
+    from dreampainter.pipelines.image_processing import composite, feathered_alpha
+
     composited = [
         composite(
             image,
@@ -148,6 +160,18 @@ def generate_batch(
         for image, s in zip(raw, samples)
     ]
     return Generated(raw, composited)
+
+
+class BenchmarkSystem:
+    """Something other than a DreamPainter pipeline that the runner can evaluate (see
+    ``evaluation/systems.py``): ``generate`` makes one result per sample like :func:`generate_batch`."""
+
+    uses_reference: bool = True  # False: the runner passes ``references=None`` (text only)
+
+    def generate(
+        self, samples: list[BenchSample], references: list[Any] | None, settings: GenerationSettings
+    ) -> Generated:
+        raise NotImplementedError
 
 
 def plan_batches(good: list[tuple[int, str, tuple[int, int]]], batch_size: int) -> list[list[int]]:
@@ -190,7 +214,7 @@ def plan_runs(pipe: Any, controls: list[str], good_keys: list[str]) -> tuple[lis
     runs = [MAIN_RUN]
     skipped: dict[str, str] = {}
     for control in controls:
-        if not _has_reference(pipe):
+        if not _uses_reference(pipe):
             skipped[control] = "the pipeline has no reference encoder and adapter: the main run is text only"
         elif control == "shuffled_reference" and len(good_keys) < 2:
             skipped[control] = f"needs at least 2 evaluable samples, got {len(good_keys)}"
@@ -271,7 +295,7 @@ def generate_and_score(
     generate_bar = tqdm(total=total, desc="generate", unit="img", disable=not show)
     score_bar = tqdm(total=total, desc="features", unit="img", disable=not show)
     scorers = {run: _Scorer(suites[run], max(1, score_chunk), score_bar) for run in plan.runs}
-    with_reference = _has_reference(pipe)
+    with_reference = _uses_reference(pipe)
     infos: list[dict[str, Any]] = []
     generate_seconds = 0.0
     for batch_indices in plan.batches:
@@ -285,7 +309,10 @@ def generate_and_score(
             else:
                 references = [s.reference for s in batch]
             start = time.perf_counter()
-            generated = generate_batch(pipe, batch, references, settings)
+            if isinstance(pipe, BenchmarkSystem):
+                generated = pipe.generate(batch, references, settings)
+            else:
+                generated = generate_batch(pipe, batch, references, settings)
             generate_seconds += time.perf_counter() - start
             generate_bar.update(len(batch))
             evaluated = [
@@ -387,7 +414,14 @@ def run_benchmark(
     return report
 
 
-def _has_reference(pipe: Any) -> bool:
+def _uses_reference(pipe: Any) -> bool:
+    if isinstance(pipe, BenchmarkSystem):
+        return pipe.uses_reference
+    return has_reference(pipe)
+
+
+def has_reference(pipe: Any) -> bool:
+    """Whether a DreamPainter pipeline has a reference encoder and adapter (else it runs text only)."""
     return getattr(pipe, "reference_encoder", None) is not None and bool(
         getattr(pipe, "has_reference_adapter", False)
     )
@@ -446,14 +480,19 @@ __all__ = [
     "MAIN_RUN",
     "BadSample",
     "BenchmarkSettings",
+    "BenchmarkSystem",
+    "Generated",
     "ProcessGroup",
     "BenchmarkPlan",
     "build_run_suites",
     "generate_and_score",
     "generate_batch",
+    "has_reference",
+    "paste_products",
     "plan_batches",
     "plan_benchmark",
     "plan_runs",
     "run_benchmark",
+    "sample_generators",
     "sample_seed",
 ]
