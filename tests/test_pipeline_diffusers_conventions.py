@@ -104,6 +104,19 @@ def test_layerwise_casting_with_and_without_reference(pipe):
     assert np.abs(cast - plain).mean() < 0.05 and np.abs(cast_text_only - text_only).mean() < 0.05
 
 
+def test_save_refuses_an_unfused_lora_before_writing_anything(pipe, tmp_path):
+    from peft import LoraConfig
+
+    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"]))
+    with pytest.raises(InvalidInputError, match="unfused LoRA"):
+        pipe.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
+    pipe.unet.fuse_lora()
+    pipe.unet.unload_lora()
+    pipe.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "reference_adapter" / "adapter.safetensors").exists()
+
+
 def test_save_refuses_an_incomplete_adapter_before_writing_anything(pipe, tmp_path):
     attn = next(iter(reference_layers(pipe.unet).values()))
     del attn._modules["to_k_ref"]

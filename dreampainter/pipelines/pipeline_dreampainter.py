@@ -206,6 +206,12 @@ class DreamPainterPipeline(DiffusionPipeline):
         """
         from dreampainter.models import check_adapter_complete, save_adapter, without_reference_adapter
 
+        if getattr(self.unet, "peft_config", None):
+            raise InvalidInputError(
+                "save_pretrained: the UNet carries an unfused LoRA, which would not load back as a plain UNet; "
+                "fuse it first (pipe.unet.fuse_lora(); pipe.unet.unload_lora()) or save it on its own "
+                "(pipe.unet.save_lora_adapter(folder))"
+            )
         if self.has_reference_adapter:
             check_adapter_complete(self.unet)  # before anything is written
         adapter_folder = Path(save_directory) / ADAPTER_SUBFOLDER
