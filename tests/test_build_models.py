@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -396,6 +397,11 @@ def test_diffusers_reference_errors(inpaint_folder, tmp_path):
     (tmp_path / "bad" / "model_index.json").write_text("{not json")
     with pytest.raises(InvalidInputError, match="not a diffusers model_index.json"):
         DiffusersInpaintReference(tmp_path / "bad", device="cpu")
+    partial = tmp_path / "partial"
+    shutil.copytree(inpaint_folder, partial)
+    shutil.rmtree(partial / "unet")
+    with pytest.raises(MissingFileError, match="pipeline incomplete: .*partial"):
+        DiffusersInpaintReference(partial, device="cpu")
     with pytest.raises(InvalidInputError, match="resolution: expected a multiple of 8"):
         DiffusersInpaintReference(inpaint_folder, device="cpu", resolution=30)
     with pytest.raises(InvalidInputError, match="dtype"):
@@ -551,8 +557,6 @@ def test_marian_translator(marian_folder):
 
 
 def test_marian_translator_errors(marian_folder, tmp_path):
-    import shutil
-
     from dreampainter.data.build.models.marian import MarianTranslator
 
     with pytest.raises(MissingFileError, match="MarianMT model folder not found: .*opus-mt-en-zh"):

@@ -108,7 +108,7 @@ class DiffusersInpaintReference:
                 return StableDiffusionInpaintPipeline.from_pretrained(str(folder), **options)
         except OSError as error:
             raise MissingFileError(
-                f"diffusers inpainting pipeline incomplete: {folder} ({one_line(error)})"
+                f"diffusers inpainting pipeline incomplete: {folder} ({one_line(error)}; {HINT})"
             ) from None
         except (ValueError, TypeError, RuntimeError, KeyError) as error:
             raise InvalidInputError(
