@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dreampainter.data.build.models._common import dilate, mask_box
+from dreampainter.data.build.models.common import dilate, mask_box
 from dreampainter.errors import InvalidInputError, MissingFileError
 
 RNG = np.random.default_rng(0)

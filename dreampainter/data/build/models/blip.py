@@ -13,7 +13,7 @@ import torch
 
 from dreampainter.errors import InvalidInputError, MissingFileError
 
-from ._common import check_photos, check_positive, chunks, one_line, require_hf_folder, resolve_device
+from .common import check_photos, check_positive, chunks, one_line, require_hf_folder, resolve_device
 
 HINT = (
     "download a BLIP captioning folder, e.g. Salesforce/blip-image-captioning-base (config.json, "

@@ -19,7 +19,7 @@ from PIL import Image
 
 from dreampainter.errors import InvalidInputError, MissingFileError
 
-from ._common import (
+from .common import (
     batches_by_key,
     check_dilation,
     check_masks,

@@ -15,7 +15,7 @@ import torch
 
 from dreampainter.errors import InvalidInputError
 
-from ._common import (
+from .common import (
     batches_by_key,
     check_dilation,
     check_masks,

@@ -8,7 +8,7 @@ import torch
 
 from dreampainter.errors import InvalidInputError, MissingFileError
 
-from ._common import check_positive, chunks, one_line, require_hf_folder, resolve_device
+from .common import check_positive, chunks, one_line, require_hf_folder, resolve_device
 
 HINT = (
     "download a MarianMT en->zh folder, e.g. Helsinki-NLP/opus-mt-en-zh (config.json, model weights, "

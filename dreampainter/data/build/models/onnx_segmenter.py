@@ -18,7 +18,7 @@ from PIL import Image
 
 from dreampainter.errors import InvalidInputError
 
-from ._common import check_photos, check_positive, chunks, one_line, require_path, resolve_device
+from .common import check_photos, check_positive, chunks, one_line, require_path, resolve_device
 
 HINT = "download e.g. u2net.onnx or isnet-general-use.onnx, as rembg uses, and set mask.path"
 

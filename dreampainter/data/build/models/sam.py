@@ -14,7 +14,7 @@ import torch
 
 from dreampainter.errors import InvalidInputError, MissingFileError
 
-from ._common import (
+from .common import (
     check_masks,
     check_photos,
     check_positive,
