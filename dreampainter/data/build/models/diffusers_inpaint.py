@@ -121,8 +121,13 @@ class DiffusersInpaintReference:
         masks = check_masks(photos, masks)
         regions = [dilate(mask, self.dilation) for mask in masks]
         sizes = [working_size(p.shape[0], p.shape[1], self.resolution) for p in photos]
-        results: list[np.ndarray | None] = [None] * len(photos)
-        for indices in batches_by_key(sizes, self.batch_size):
+        # a photo with nothing to remove is its own reference; the others are inpainted, batched by size
+        results: list[np.ndarray | None] = [
+            None if region.any() else photo.copy() for photo, region in zip(photos, regions)
+        ]
+        todo = [i for i, result in enumerate(results) if result is None]
+        for batch in batches_by_key([sizes[i] for i in todo], self.batch_size):
+            indices = [todo[j] for j in batch]
             height, width = sizes[indices[0]]
             images = [
                 Image.fromarray(photos[i]).resize((width, height), Image.Resampling.BICUBIC) for i in indices

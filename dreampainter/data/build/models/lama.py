@@ -89,8 +89,13 @@ class LamaReference:
         photos = check_photos(photos)
         masks = check_masks(photos, masks)
         regions = [dilate(mask, self.dilation) for mask in masks]
-        results: list[np.ndarray | None] = [None] * len(photos)
-        for indices in batches_by_key([p.shape for p in photos], self.batch_size):
+        # a photo with nothing to remove is its own reference; the others are inpainted, batched by size
+        results: list[np.ndarray | None] = [
+            None if region.any() else photo.copy() for photo, region in zip(photos, regions)
+        ]
+        todo = [i for i, result in enumerate(results) if result is None]
+        for batch in batches_by_key([photos[i].shape for i in todo], self.batch_size):
+            indices = [todo[j] for j in batch]
             height, width = photos[indices[0]].shape[:2]
             images = np.stack([_pad_to_modulo(photos[i]) for i in indices]).astype(np.float32) / 255.0
             fills = np.stack([_pad_to_modulo(regions[i]) for i in indices]).astype(np.float32)
