@@ -568,3 +568,27 @@ def test_marian_translator_errors(marian_folder, tmp_path):
         MarianTranslator(partial, device="cpu")
     with pytest.raises(InvalidInputError, match="list of strings"):
         MarianTranslator(marian_folder, device="cpu")("one string")
+
+
+# ------------------------------------------------------------------------------------------ dotted paths
+
+
+@pytest.mark.parametrize(
+    "dotted",
+    [
+        "dreampainter.data.build.models.onnx_segmenter:OnnxSalientSegmenter",
+        "dreampainter.data.build.models.sam:SamRefiner",
+        "dreampainter.data.build.models.diffusers_inpaint:DiffusersInpaintReference",
+        "dreampainter.data.build.models.lama:LamaReference",
+        "dreampainter.data.build.models.blip:BlipCaptioner",
+        "dreampainter.data.build.models.marian:MarianTranslator",
+    ],
+)
+def test_components_resolve_by_dotted_path_and_take_path_and_device(dotted):
+    import importlib
+    import inspect
+
+    module, _, name = dotted.partition(":")
+    cls = getattr(importlib.import_module(module), name)
+    parameters = inspect.signature(cls).parameters
+    assert "path" in parameters and "device" in parameters and callable(cls)
