@@ -16,7 +16,7 @@ from dreampainter.training.progress import ProgressLog
 from dreampainter.training.setup import build_optimizer, mark_trainable
 from dreampainter.training.update import train_step
 
-ADAPTER_MARKERS = ("encoder_hid_proj.", ".processor.to_k_ref.", ".processor.to_v_ref.")
+ADAPTER_MARKERS = ("encoder_hid_proj.", ".to_k_ref.", ".to_v_ref.")  # the adapter's parameters by name
 
 
 @pytest.fixture(scope="module")
