@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image, ImageFilter
 
 from dreampainter.data.build.config import BuildConfig, CleanupConfig
@@ -16,10 +22,11 @@ from dreampainter.data.build.pipeline import build_dataset
 from dreampainter.data.shards.format import ShardIndex
 from dreampainter.data.shards.tar import iter_tar_samples
 from dreampainter.data.shards.validate import validate_shards
+from dreampainter.errors import InvalidInputError
 from dreampainter.toy.data import encode_toy_sample, make_toy_sample, sample_seed
 from dreampainter.toy.product import FAMILY_ASPECT, build_product, render_product
 from dreampainter.toy.scene import pixel_grid
-from dreampainter.utils.config import config_from_dict
+from dreampainter.utils.config import config_from_dict, config_to_yaml, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 STUDIO_BACKGROUNDS = ([245, 245, 245], [228, 231, 236], [250, 240, 225], [40, 40, 45])
@@ -223,3 +230,85 @@ def test_find_duplicates_matches_brute_force():
         else:
             brute[key] = match
     assert find_duplicates(entries, 4) == brute and len(brute) >= 30
+
+
+KILLER = """
+import os, signal, sys
+from dreampainter.data.build.config import BuildConfig
+from dreampainter.data.build.pipeline import build_dataset
+from dreampainter.data.shards.writer import ShardSetWriter
+from dreampainter.utils.config import load_config
+
+original = ShardSetWriter.write
+
+def write(self, sample):
+    if sample.key == sys.argv[4]:
+        os.kill(os.getpid(), signal.SIGKILL)  # die mid-shard, like an OOM kill or a pre-empted node
+    original(self, sample)
+
+ShardSetWriter.write = write
+build_dataset(sys.argv[1], load_config(BuildConfig, sys.argv[2]), sys.argv[3], progress=False)
+"""
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+
+
+def _write_config(config: BuildConfig, path: Path) -> Path:
+    path.write_text(config_to_yaml(config))
+    return path
+
+
+def _index_entries(out: Path) -> list[tuple[str, int, str]]:
+    return [(shard.name, shard.num_samples, shard.sha256) for shard in ShardIndex.load(out).shards]
+
+
+def test_sigkilled_build_resumes_to_the_same_result(tmp_path):
+    source = _studio_folder(tmp_path / "in", 10, res=64)
+    config = _write_config(_studio_config(), tmp_path / "build.yaml")
+    build_dataset(source, load_config(BuildConfig, config), tmp_path / "whole", progress=False)
+
+    out = tmp_path / "killed"
+    script = [sys.executable, "-c", KILLER, str(source), str(config), str(out), "p005"]
+    done = subprocess.run(script, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    assert not (out / "index.json").exists()
+    assert sorted(path.name for path in out.glob("*.tar")) == ["shard-000000-000000.tar"]  # chunk 1 unfinished
+    assert list(out.glob(".shard-000001-*.partial"))  # ... and its partial file never looks complete
+    first = (out / "shard-000000-000000.tar").stat().st_mtime_ns
+
+    report = build_dataset(source, load_config(BuildConfig, config), out, progress=False)  # the same command
+    assert (out / "shard-000000-000000.tar").stat().st_mtime_ns == first  # done work is not redone
+    assert _index_entries(out) == _index_entries(tmp_path / "whole")
+    assert report.num_kept == 10 and not list(out.glob(".*.partial"))
+    assert validate_shards(out, progress=False).ok
+    with pytest.raises(InvalidInputError, match="already holds a built shard set"):
+        build_dataset(source, load_config(BuildConfig, config), out, progress=False)
+
+
+def test_two_processes_give_the_same_samples_as_one(tmp_path):
+    source = _studio_folder(tmp_path / "in", 10, res=64)
+    config = _write_config(_studio_config(), tmp_path / "build.yaml")
+    one = tmp_path / "one"
+    done = subprocess.run([sys.executable, "-m", "dreampainter.cli", "data", "build", "--input", str(source),
+                           "--config", str(config), "--out", str(one), "--quiet"],
+                          env=_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "kept" in done.stdout and "samples/s" in done.stdout
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = tmp_path / "two"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/cpu_2proc.yaml"),
+        "--main_process_port", str(port), "-m", "dreampainter.cli", "data", "build", "--input", str(source),
+        "--config", str(config), "--out", str(two), "--quiet",
+    ]  # fmt: skip
+    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((two / "build_report.json").read_text())["num_processes"] == 2
+    assert _samples(two) == _samples(one)  # the same samples, byte for byte (shard order may differ)
+    validated = subprocess.run([sys.executable, "-m", "dreampainter.cli", "data", "validate", str(two), "--quiet"],
+                               env=_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert validated.returncode == 0, validated.stdout[-2000:]
