@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
+from dreampainter.data.build.components import MODEL_COMPONENTS, build_component
 from dreampainter.data.build.config import BuildConfig, CleanupConfig
 from dreampainter.data.build.filters import find_duplicates
 from dreampainter.data.build.masks import StudioSegmenter, clean_mask
@@ -22,7 +23,7 @@ from dreampainter.data.build.pipeline import build_dataset
 from dreampainter.data.shards.format import ShardIndex
 from dreampainter.data.shards.tar import iter_tar_samples
 from dreampainter.data.shards.validate import validate_shards
-from dreampainter.errors import InvalidInputError
+from dreampainter.errors import InvalidInputError, MissingFileError
 from dreampainter.toy.data import encode_toy_sample, make_toy_sample, sample_seed
 from dreampainter.toy.product import FAMILY_ASPECT, build_product, render_product
 from dreampainter.toy.scene import pixel_grid
@@ -312,3 +313,20 @@ def test_two_processes_give_the_same_samples_as_one(tmp_path):
     validated = subprocess.run([sys.executable, "-m", "dreampainter.cli", "data", "validate", str(two), "--quiet"],
                                env=_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
     assert validated.returncode == 0, validated.stdout[-2000:]
+
+
+def test_configs_load_and_component_errors_are_one_line(monkeypatch):
+    studio = load_config(BuildConfig, REPO / "configs" / "build_studio.yaml")
+    assert studio.mask["kind"] == "studio" and studio.reference["kind"] == "fill" and studio.prompt["kind"] == "given"
+    lifestyle = load_config(BuildConfig, REPO / "configs" / "build_lifestyle.yaml")
+    assert (lifestyle.mask["kind"], lifestyle.refine["kind"], lifestyle.reference["kind"]) == ("onnx", "sam", "lama")
+    assert build_component("mask", dict(studio.mask), "cpu").__class__.__name__ == "StudioSegmenter"
+    with pytest.raises(InvalidInputError, match="unknown kind 'magic'"):
+        build_component("mask", {"kind": "magic"}, "cpu")
+    with pytest.raises(InvalidInputError, match=r"reference \(kind 'fill'\): bad options"):
+        build_component("reference", {"kind": "fill", "radiuss": 3}, "cpu")
+    monkeypatch.setitem(MODEL_COMPONENTS, ("mask", "onnx"), "dreampainter.data.build.models.absent:Segmenter")
+    with pytest.raises(MissingFileError, match="mask.kind 'onnx': its module .* is not available"):
+        build_component("mask", {"kind": "onnx", "path": "x.onnx"}, "cpu")
+    with pytest.raises(InvalidInputError, match="mask.kind"):
+        load_config(BuildConfig, None, ["mask.kind=none"])
