@@ -6,7 +6,7 @@ pHash and blur, masks, cleanup, references, prompts, encode, shards, report, con
 process on one CPU thread, and prints samples per CPU-second and per wall-second and the share of
 time per stage (from ``build_report.json``).
 
-    .venv/bin/python scripts/bench_build.py [--samples 24] [--size 1024]
+    .venv/bin/python scripts/bench_build.py [--samples 24] [--size 1024] [key=value ...]
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=24)
     parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="build config overrides")
     args = parser.parse_args()
     cv2.setNumThreads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,7 +65,7 @@ def main() -> None:
             Image.fromarray(studio_photo(seed, args.size)).save(root / "photos" / f"p{seed:04d}.jpg", quality=95)
             records.append(json.dumps({"key": f"p{seed:04d}", "prompt": f"product {seed} on a marble counter"}))
         (root / "prompts.jsonl").write_text("\n".join(records) + "\n")
-        config = load_config(BuildConfig, REPO / "configs" / "build_studio.yaml")
+        config = load_config(BuildConfig, REPO / "configs" / "build_studio.yaml", args.overrides)
         cpu, wall = time.process_time(), time.perf_counter()
         report = build_dataset(root, config, Path(tmp) / "out", progress=False)
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
