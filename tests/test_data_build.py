@@ -330,3 +330,73 @@ def test_configs_load_and_component_errors_are_one_line(monkeypatch):
         build_component("mask", {"kind": "onnx", "path": "x.onnx"}, "cpu")
     with pytest.raises(InvalidInputError, match="mask.kind"):
         load_config(BuildConfig, None, ["mask.kind=none"])
+
+
+def test_cleanup_keeps_background_holes_open_and_fills_product_holes():
+    photo = np.full((120, 120, 3), 240, np.uint8)
+    yy, xx = np.mgrid[0:120, 0:120]
+    ring = (np.hypot(yy - 60, xx - 60) < 40) & (np.hypot(yy - 60, xx - 60) >= 22)  # a ring: its middle is backdrop
+    photo[ring] = (200, 40, 40)
+    label = (np.abs(yy - 60) < 3) & (np.abs(xx - 30) < 5)  # a dark label the segmenter missed: product colour
+    photo[label] = (20, 20, 20)
+    mask = np.where(ring & ~label, 255, 0).astype(np.uint8)
+    mask[100:102, 100:102] = 255  # a speck: dropped with the components rule
+    config = CleanupConfig(soft_edge=0.0, small_hole_share=0.0)
+    cleaned = clean_mask(photo, mask, config) >= 128
+    assert not cleaned[60, 60]  # the ring's middle shows the backdrop: stays open
+    assert cleaned[label].all()  # the label's colour is not the backdrop's: filled
+    assert not cleaned[100:102, 100:102].any()
+    tiny = np.where(ring, 255, 0).astype(np.uint8)
+    tiny[60, 35] = 0  # a one-pixel hole of backdrop colour? under small_hole_share: filled
+    photo[60, 35] = 240
+    assert clean_mask(photo, tiny, CleanupConfig(soft_edge=0.0))[60, 35] == 255
+
+
+class FakeCaptioner:
+    """Captions the reference with its mean colour, so tests can see that the REFERENCE was captioned."""
+
+    def __init__(self, word: str = "plain", device: str = "cpu") -> None:
+        self.word = word
+
+    def __call__(self, images: list[np.ndarray]) -> list[str]:
+        return [f"a {self.word} backdrop of level {int(image.mean()) // 50}" for image in images]
+
+
+class FakeTranslator:
+    def __init__(self, device: str = "cpu") -> None:
+        pass
+
+    def __call__(self, texts: list[str]) -> list[str]:
+        return [f"ZH:{text}" for text in texts]
+
+
+def test_manifest_rgba_cutouts_captioner_and_translator(tmp_path, monkeypatch):
+    monkeypatch.setitem(MODEL_COMPONENTS, ("prompt", "blip"), "test_data_build:FakeCaptioner")
+    monkeypatch.setitem(MODEL_COMPONENTS, ("translate", "marian"), "test_data_build:FakeTranslator")
+    rows = []
+    for seed in range(3):
+        photo, truth = studio_photo(seed, 96)
+        rgba = np.dstack([photo, np.where(truth, 255, 0).astype(np.uint8)])  # a cut-out: alpha = product
+        _save(rgba, tmp_path / "in" / f"cut{seed}.png")
+        rows.append({"photo": f"cut{seed}.png", "key": f"sku-{seed}", "category": "bottle", "sku": seed})
+    rows[1]["prompt_zh"] = "given"
+    manifest = tmp_path / "in" / "manifest.jsonl"
+    manifest.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    config = _studio_config(mask={"kind": "given"}, prompt={"kind": "blip", "word": "studio"},
+                            translate={"kind": "marian"}, prompt_template="a {category} in front of {caption}")  # fmt: skip
+    report = build_dataset(manifest, config, tmp_path / "out", progress=False)
+    assert report.num_kept == 3, report.dropped_keys
+    samples = _samples(tmp_path / "out")
+    meta = json.loads(samples["sku-0"]["json"])
+    # the reference of a cut-out composited on white is white: level 5 (>= 250)
+    assert meta["prompt"] == "a bottle in front of a studio backdrop of level 5"
+    assert meta["prompt_zh"] == "ZH:" + meta["prompt"] and meta["sku"] == 0
+    assert json.loads(samples["sku-1"]["json"])["prompt_zh"] == "given"
+    mask = np.asarray(Image.open(io.BytesIO(samples["sku-0"]["mask.png"])))
+    assert ((mask >= 128) == studio_photo(0, 96)[1]).mean() > 0.99
+    assert validate_shards(tmp_path / "out", progress=False).ok
+
+    # The built set is an input too: re-filter it with everything given.
+    again = _studio_config(mask={"kind": "given"}, reference={"kind": "given"})
+    report = build_dataset(tmp_path / "out", again, tmp_path / "again", progress=False)
+    assert report.num_kept == 3 and _samples(tmp_path / "again").keys() == samples.keys()
