@@ -290,10 +290,11 @@ def test_sigkilled_build_resumes_to_the_same_result(tmp_path):
 
 def test_two_processes_give_the_same_samples_as_one(tmp_path):
     source = _studio_folder(tmp_path / "in", 10, res=64)
-    config = _write_config(_studio_config(), tmp_path / "build.yaml")
+    config = REPO / "configs" / "build_studio.yaml"  # the shipped offline config
+    overrides = ["filters.min_side=32", "output.samples_per_chunk=4"]
     one = tmp_path / "one"
     done = subprocess.run([sys.executable, "-m", "dreampainter.cli", "data", "build", "--input", str(source),
-                           "--config", str(config), "--out", str(one), "--quiet"],
+                           "--config", str(config), "--out", str(one), "--quiet", *overrides],
                           env=_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "kept" in done.stdout and "samples/s" in done.stdout
@@ -304,12 +305,16 @@ def test_two_processes_give_the_same_samples_as_one(tmp_path):
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/cpu_2proc.yaml"),
         "--main_process_port", str(port), "-m", "dreampainter.cli", "data", "build", "--input", str(source),
-        "--config", str(config), "--out", str(two), "--quiet",
+        "--config", str(config), "--out", str(two), "--quiet", *overrides,
     ]  # fmt: skip
     done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((two / "build_report.json").read_text())["num_processes"] == 2
+    assert len(_samples(one)) == 10
     assert _samples(two) == _samples(one)  # the same samples, byte for byte (shard order may differ)
+    done = subprocess.run([*command, "--overwrite"], env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]  # both ranks start again from scratch
+    assert _samples(two) == _samples(one)
     validated = subprocess.run([sys.executable, "-m", "dreampainter.cli", "data", "validate", str(two), "--quiet"],
                                env=_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
     assert validated.returncode == 0, validated.stdout[-2000:]

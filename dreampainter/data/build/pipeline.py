@@ -4,7 +4,8 @@ Work is cut into chunks of ``output.samples_per_chunk`` inputs (in input order);
 to rank ``c % world_size`` and becomes one shard, ``shard-<c>-000000.tar``, written through the shard
 writer's atomic rules (a hidden ``.partial`` file renamed when complete). A chunk is done when its
 record ``.build/chunk-<c>.json`` exists (written after the shard), so a restarted build redoes only
-unfinished chunks. Near-duplicates are found over the whole input: every rank scans its chunks
+unfinished chunks. Ranks meet once, in a gloo barrier after rank 0 has prepared the output folder;
+after that they coordinate through the records. Near-duplicates are found over the whole input: every rank scans its chunks
 (``.build/scan-<c>.json``), waits for all scans, and resolves duplicates the same way. Rank 0 waits for
 every chunk, then writes ``index.json``, ``build_report.json`` and the contact sheets. The sample set
 does not depend on the number of ranks (shards are even byte-identical); only which rank wrote which
@@ -20,6 +21,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -392,7 +394,20 @@ def _fingerprint(config: BuildConfig, items: list[BuildInput]) -> str:
     return hashlib.sha256(data.encode("utf-8")).hexdigest()
 
 
-def _prepare_out(out_dir: Path, fingerprint: str, rank: int, overwrite: bool, timeout: float) -> Path:
+def _barrier(world: int, timeout: float) -> bool:
+    """Wait for every rank (gloo over torchrun's / accelerate's rendezvous); True if this call set it up."""
+    if world <= 1:
+        return False
+    import torch.distributed as dist
+
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout))
+    dist.barrier()
+    return created
+
+
+def _prepare_out(out_dir: Path, fingerprint: str, rank: int, world: int, overwrite: bool, timeout: float) -> Path:
     state_dir = out_dir / STATE_DIR
     state = state_dir / "state.json"
     if rank == 0:
@@ -411,12 +426,13 @@ def _prepare_out(out_dir: Path, fingerprint: str, rank: int, overwrite: bool, ti
             )
         state_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(state, {"fingerprint": fingerprint})
-    else:
-        start = time.monotonic()
-        while not (state.exists() and _read_json(state).get("fingerprint") == fingerprint):
-            if time.monotonic() - start > timeout:
-                raise InvalidInputError(f"{state}: rank 0 did not start this build")
-            time.sleep(0.2)
+    created = _barrier(world, timeout)  # the other ranks start once rank 0 has (re)set the folder
+    if rank != 0 and (not state.exists() or _read_json(state).get("fingerprint") != fingerprint):
+        raise InvalidInputError(f"{state}: rank 0 did not start this build")
+    if created:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return state_dir
 
 
@@ -436,7 +452,7 @@ def build_dataset(
     out_dir = Path(out_dir)
     items = read_inputs(source)
     timeout = config.output.wait_timeout_s
-    state_dir = _prepare_out(out_dir, _fingerprint(config, items), rank, overwrite, timeout)
+    state_dir = _prepare_out(out_dir, _fingerprint(config, items), rank, world, overwrite, timeout)
     size = config.output.samples_per_chunk
     chunks = [items[begin : begin + size] for begin in range(0, len(items), size)]
     mine = [number for number in range(len(chunks)) if number % world == rank]
