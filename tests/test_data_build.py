@@ -337,6 +337,17 @@ def test_configs_load_and_component_errors_are_one_line(monkeypatch):
         load_config(BuildConfig, None, ["mask.kind=none"])
 
 
+def test_input_errors_are_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InvalidInputError, match="no photos found"):
+        build_dataset(tmp_path / "empty", _studio_config(), tmp_path / "out", progress=False)
+    with pytest.raises(MissingFileError, match="input not found"):
+        build_dataset(tmp_path / "absent", _studio_config(), tmp_path / "out", progress=False)
+    (tmp_path / "m.jsonl").write_text('{"photo": "a.png", "key": "a.b"}\n')
+    with pytest.raises(InvalidInputError, match=r"m.jsonl:1: sample key 'a.b'"):
+        build_dataset(tmp_path / "m.jsonl", _studio_config(), tmp_path / "out", progress=False)
+
+
 def test_cleanup_keeps_background_holes_open_and_fills_product_holes():
     photo = np.full((120, 120, 3), 240, np.uint8)
     yy, xx = np.mgrid[0:120, 0:120]

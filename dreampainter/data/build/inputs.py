@@ -157,6 +157,8 @@ def read_inputs(source: str | os.PathLike) -> list[BuildInput]:
         items = _read_manifest(path / name)
     else:
         items = _read_folder(path)
+    if not items:
+        raise InvalidInputError(f"{path}: no photos found (see docs/data_building.md for the input layouts)")
     seen: dict[str, str] = {}
     for item in items:
         try:

@@ -218,8 +218,14 @@ def _given_reference(work: Work) -> None:
 def _call(component: Any, works: list[Work], *args: Any) -> list[Any]:
     """Call a component, passing ``keys=`` to those that ask for them (the toy world's)."""
     if getattr(component, "wants_keys", False):
-        return list(component(*args, keys=[work.item.key for work in works]))
-    return list(component(*args))
+        results = list(component(*args, keys=[work.item.key for work in works]))
+    else:
+        results = list(component(*args))
+    if len(results) != len(works):
+        raise InvalidInputError(
+            f"component {type(component).__name__}: returned {len(results)} results for a batch of {len(works)}"
+        )
+    return results
 
 
 def _encode_png(array: np.ndarray) -> bytes:
@@ -325,7 +331,7 @@ class Stages:
                 work.meta["prompt"] = prompt
         todo = [w for w in live if w.drop is None and not isinstance(w.meta.get("prompt_zh"), str)]
         if self.translate is not None and todo:
-            for work, text in zip(todo, self.translate([w.meta["prompt"] for w in todo])):
+            for work, text in zip(todo, _call(self.translate, todo, [w.meta["prompt"] for w in todo])):
                 work.meta["prompt_zh"] = str(text).strip()
 
     def _encode(self, work: Work) -> EncodedSample:
