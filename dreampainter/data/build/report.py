@@ -136,6 +136,8 @@ def write_contact_sheets(
             if len(by_reason.setdefault(reason, [])) < output.contact_sheet_drops_per_reason:
                 by_reason[reason].append(key)
     if by_reason:
+        order = {reason: index for index, reason in enumerate(REASONS)}
+        by_reason = dict(sorted(by_reason.items(), key=lambda entry: order.get(entry[0], len(order))))
         lookup = {item.key: item for item in items}
         files = read_files([lookup[key] for keys in by_reason.values() for key in keys])
         rows = [[(key, _photo_or_none(files.get(key, {}))) for key in keys] for keys in by_reason.values()]
