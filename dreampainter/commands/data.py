@@ -1,4 +1,4 @@
-"""``dreampainter data``: write shards from a catalogue, validate shards, generate toy data."""
+"""``dreampainter data``: build or write shards from a catalogue, validate shards, generate toy data."""
 
 from __future__ import annotations
 
@@ -26,6 +26,19 @@ def _write_shards(args: argparse.Namespace) -> int:
     )
     print(report.summary())
     print(f"wrote {index.num_samples} samples in {len(index.shards)} shards to {args.out}")
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    from dreampainter.data.build.config import BuildConfig
+    from dreampainter.data.build.pipeline import build_dataset
+    from dreampainter.utils.config import load_config
+
+    config = load_config(BuildConfig, args.config, args.overrides)
+    report = build_dataset(args.input, config, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    if report is not None:  # rank 0 (or the only process)
+        print(report.table())
+        print(f"wrote {report.num_kept} samples in {report.num_shards} shards to {args.out}")
     return 0
 
 
@@ -90,6 +103,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     write.add_argument("--overwrite", action="store_true", help="replace an existing shard set in --out")
     write.add_argument("--quiet", action="store_true", help="no progress bar")
     write.set_defaults(func=_write_shards)
+
+    build = commands.add_parser(
+        "build",
+        help="build validated shards from a shop's photos (masks, references, prompts, filters)",
+        description="Photos (folder, JSONL/CSV manifest or shards) -> masks -> references -> prompts -> "
+        "filters -> shards + index.json + build_report.json; see docs/data_building.md. Resumable; "
+        "runs on every rank under torchrun / accelerate launch.",
+    )
+    build.add_argument("--input", required=True, help="photo folder, manifest (.jsonl/.csv) or shard folder")
+    build.add_argument("--config", required=True, help="build config (e.g. configs/build_studio.yaml)")
+    build.add_argument("--out", required=True, help="output folder")
+    build.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    build.add_argument("--overwrite", action="store_true", help="start again, replacing what --out holds")
+    build.add_argument("--quiet", action="store_true", help="no progress bars")
+    build.set_defaults(func=_build)
 
     validate = commands.add_parser(
         "validate",
