@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -592,3 +593,26 @@ def test_components_resolve_by_dotted_path_and_take_path_and_device(dotted):
     cls = getattr(importlib.import_module(module), name)
     parameters = inspect.signature(cls).parameters
     assert "path" in parameters and "device" in parameters and callable(cls)
+
+
+@pytest.mark.parametrize("config", sorted((Path(__file__).resolve().parents[1] / "configs").glob("build_*.yaml")))
+def test_shipped_build_configs_give_their_model_components_valid_options(config):
+    """Every model-backed section of the shipped build configs binds to its class's constructor."""
+    import importlib
+    import inspect
+
+    import yaml
+
+    from dreampainter.data.build.components import MODEL_COMPONENTS
+
+    sections = yaml.safe_load(config.read_text())
+    checked = 0
+    for (stage, kind), target in MODEL_COMPONENTS.items():
+        section = sections.get(stage) or {}
+        if not isinstance(section, dict) or section.get("kind") != kind:
+            continue
+        module, name = target.split(":")
+        cls = getattr(importlib.import_module(module), name)
+        inspect.signature(cls).bind(**{k: v for k, v in section.items() if k != "kind"}, device="cpu")
+        checked += 1
+    assert checked or "lifestyle" not in config.name
