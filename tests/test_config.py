@@ -296,3 +296,16 @@ def test_command_lines_report_config_errors_in_one_line(tmp_path, capsys):
     assert main(["cache-latents", "--config", str(config), "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: {config}: unknown config key 'optim.lrr'"
+
+
+def test_yaml_syntax_errors_name_the_problem_and_the_line(tmp_path):
+    from dreampainter.training.config import TrainConfig
+    from dreampainter.utils.config import load_config
+
+    path = tmp_path / "dup.yaml"
+    path.write_text("optim:\n  lr: 1.0e-4\n  lr: 2.0e-4\n")
+    with pytest.raises(InvalidInputError, match=r"dup.yaml: cannot parse YAML \(found duplicate key lr at line 3"):
+        load_config(TrainConfig, path)
+    path.write_text("optim: [1, 2\n")
+    with pytest.raises(InvalidInputError, match=r"cannot parse YAML \(.* at line 2, column 1\)"):
+        load_config(TrainConfig, path)

@@ -189,7 +189,7 @@ def _read_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[_Source]:
     try:
         node = OmegaConf.load(path)
     except Exception as error:  # noqa: BLE001 - YAML syntax errors come in several types
-        raise InvalidInputError(f"{path}: cannot parse YAML ({_first_line(error)})") from None
+        raise InvalidInputError(f"{path}: cannot parse YAML ({_yaml_problem(error)})") from None
     if not isinstance(node, DictConfig):
         raise InvalidInputError(f"{path}: a config file must be a mapping")
     values = OmegaConf.to_container(node, resolve=False)
@@ -323,6 +323,14 @@ def _key(error: OmegaConfBaseException) -> str:
 
 def _message(error: OmegaConfBaseException) -> str:
     return _first_line(getattr(error, "msg", None) or error)
+
+
+def _yaml_problem(error: Exception) -> str:
+    """The YAML parser's own problem and where it is (``found duplicate key 'lr' at line 4, column 3``)."""
+    problem, mark = getattr(error, "problem", None), getattr(error, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return _first_line(error)
 
 
 def _first_line(error: Any) -> str:
