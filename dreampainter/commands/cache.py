@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from dreampainter.commands.common import DTYPES
 from dreampainter.commands.train import add_config_arguments
 
 
@@ -36,7 +37,7 @@ def register(subparsers) -> None:
     add_config_arguments(parser)
     parser.add_argument("--out", required=True, help="the cache folder to create")
     parser.add_argument(
-        "--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+        "--dtype", default="float32", choices=DTYPES,
         help="storage type (float32: the cached loss equals the uncached one; 16-bit halves the size)",
     )
     parser.add_argument("--chunk-size", type=int, default=256, help="samples per safetensors chunk")

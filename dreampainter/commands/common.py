@@ -8,6 +8,12 @@ from dreampainter.errors import InvalidInputError
 DTYPES = ("float32", "float16", "bfloat16")
 
 
+def add_device_arguments(parser, auto: str = "this process's accelerate device") -> None:
+    """``--device`` (default ``auto``, described as ``auto``) and ``--dtype`` for the commands that load a pipeline."""
+    parser.add_argument("--device", default="auto", help=f"cpu, cuda, cuda:1, ... (default: {auto})")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default float32)")
+
+
 def device_and_dtype(device_arg: str, dtype_arg: str, auto_device: str | None = None):
     """``--device`` / ``--dtype`` -> ``(torch.device, torch.dtype)``; ``auto`` is ``auto_device`` or CUDA if present."""
     import torch

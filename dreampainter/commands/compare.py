@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from dreampainter.commands.common import DTYPES, device_and_dtype
+from dreampainter.commands.common import add_device_arguments, device_and_dtype
 
 
 def register(subparsers) -> None:
@@ -27,10 +27,7 @@ def register(subparsers) -> None:
         "--reference-system",
         help="the system the paired statistics compare against (default: the file's, else the first)",
     )
-    parser.add_argument(
-        "--device", default="auto", help="cpu, cuda, cuda:1, ... (default: this process's accelerate device)"
-    )
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default float32)")
+    add_device_arguments(parser)
     parser.set_defaults(func=run)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dreampainter.commands.common import DTYPES, device_and_dtype
+from dreampainter.commands.common import add_device_arguments, device_and_dtype
 
 
 def register(subparsers) -> None:
@@ -37,10 +37,7 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--no-images", action="store_true", help="do not save result images (no contact sheet)"
     )
-    parser.add_argument(
-        "--device", default="auto", help="cpu, cuda, cuda:1, ... (default: this process's accelerate device)"
-    )
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="pipeline dtype (default float32)")
+    add_device_arguments(parser)
     parser.set_defaults(func=run)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from dreampainter.commands.common import DTYPES, device_and_dtype
+from dreampainter.commands.common import add_device_arguments, device_and_dtype
 from dreampainter.errors import InvalidInputError
 
 
@@ -67,10 +67,7 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--max-pixels", type=int, default=None, help="refuse input images above this many pixels"
     )
-    parser.add_argument(
-        "--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)"
-    )
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default float32)")
+    add_device_arguments(parser, auto="cuda when available")
     parser.add_argument(
         "--out",
         required=True,
