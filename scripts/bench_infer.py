@@ -7,6 +7,8 @@ image, prompt, steps and scheduler; runs are interleaved (rotating order) and me
 * ``ours-2``: text + reference in one two-branch CFG (s_text == s_ref), the same UNet work as diffusers;
   target <= 1.03x diffusers.
 * ``ours-3``: dual guidance (s_text != s_ref, three branches); target <= 1.55x the diffusers two-branch run.
+* ``ours-3-sched``: dual guidance with a reference guidance schedule (``--interval``, ``--every``: the third
+  branch on some steps only, two branches on the others); target <= 1.12x diffusers-2.
 
     python scripts/bench_infer.py --repeats 5 --steps 10 --size 256 --threads 1
 """
@@ -103,6 +105,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (latents are size / 8)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--interval", type=float, nargs=2, default=None, help="ours-3-sched's interval")
+    parser.add_argument("--every", type=int, default=4, help="ours-3-sched's every (default 4)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench_infer_"))
@@ -156,7 +160,7 @@ def main() -> None:
     reference = Image.fromarray(rng.integers(0, 256, (300, 200, 3), dtype=np.uint8))
     prompt, steps = "a bottle on a marble table", args.steps
 
-    def ours_run(reference_guidance_scale: float):
+    def ours_run(reference_guidance_scale: float, **schedule):
         """Ours; text and reference scales equal -> two branches, different -> three."""
         ours(
             prompt,
@@ -167,6 +171,7 @@ def main() -> None:
             reference_guidance_scale=reference_guidance_scale,
             num_inference_steps=steps,
             generator=torch.Generator().manual_seed(0),
+            **schedule,
         )
 
     def diffusers_2():
@@ -182,7 +187,13 @@ def main() -> None:
             generator=torch.Generator().manual_seed(0),
         )
 
-    runs = {"ours-2": lambda: ours_run(7.5), "ours-3": lambda: ours_run(5.0), "diffusers-2": diffusers_2}
+    schedule = dict(reference_guidance_interval=args.interval, reference_guidance_every=args.every)
+    runs = {
+        "ours-2": lambda: ours_run(7.5),
+        "ours-3": lambda: ours_run(5.0),
+        "ours-3-sched": lambda: ours_run(5.0, **schedule),
+        "diffusers-2": diffusers_2,
+    }
     rows = {}
     for name, fn in runs.items():  # warm-up, and count the UNet rows each step runs
         seen = []
@@ -192,16 +203,17 @@ def main() -> None:
         )
         fn()
         handle.remove()
-        rows[name] = seen[0]
+        rows[name] = seen[0] if len(set(seen)) == 1 else seen
     print(
         f"UNet rows per step: {rows}  (one batched UNet call per step: {len(seen)} calls for {steps} steps)"
     )
+    print(f"ours-3-sched: interval={args.interval} every={args.every}")
 
     wall = {name: [] for name in runs}
     cpu = {name: [] for name in runs}
     names = list(runs)
     for repeat in range(args.repeats):
-        order = names[repeat % 3 :] + names[: repeat % 3]
+        order = names[repeat % len(names) :] + names[: repeat % len(names)]
         for name in order:
             seconds, cpu_seconds = timed(runs[name])
             wall[name].append(seconds)
@@ -216,9 +228,13 @@ def main() -> None:
         medians = ", ".join(f"{name} {statistics.median(values):.2f}" for name, values in times.items())
         ratio_2 = statistics.median(a / b for a, b in zip(times["ours-2"], times["diffusers-2"]))
         ratio_3 = statistics.median(a / b for a, b in zip(times["ours-3"], times["diffusers-2"]))
+        ratio_s = statistics.median(a / b for a, b in zip(times["ours-3-sched"], times["diffusers-2"]))
+        ratio_s2 = statistics.median(a / b for a, b in zip(times["ours-3-sched"], times["ours-2"]))
         print(f"[{label}] median s/image: {medians}")
         print(f"[{label}] median ratio ours-2 / diffusers-2 = {ratio_2:.3f} (target <= 1.03)")
         print(f"[{label}] median ratio ours-3 / diffusers-2 = {ratio_3:.3f} (target <= 1.55)")
+        print(f"[{label}] median ratio ours-3-sched / diffusers-2 = {ratio_s:.3f} (target <= 1.12)")
+        print(f"[{label}] median ratio ours-3-sched / ours-2 = {ratio_s2:.3f}")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ def register(subparsers) -> None:
         "--batch",
         help="JSONL file, one job a line: image, prompt, and optionally mask, reference, name, and any "
         "generation setting by its pipeline name (num_inference_steps, seed, text_guidance_scale, "
-        "reference_guidance_scale, reference_scale, negative_prompt, resolution, feather_radius, "
+        "reference_guidance_scale, reference_guidance_interval, reference_guidance_every, reference_scale, "
+        "negative_prompt, resolution, feather_radius, "
         "product_dilation, num, paste_product, max_pixels); the flags below are the defaults",
     )
     parser.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
@@ -41,6 +42,21 @@ def register(subparsers) -> None:
         type=float,
         default=None,
         help="reference guidance scale s_ref (default: = s_text, plain two-branch guidance)",
+    )
+    parser.add_argument(
+        "--reference-guidance-interval",
+        type=float,
+        nargs=2,
+        metavar=("START", "END"),
+        default=None,
+        help="run the branch measuring the reference (s_text != s_ref) only in these fractions of the steps, "
+        "e.g. 0 0.5; outside it the reference is guided at s_text (default: all steps)",
+    )
+    parser.add_argument(
+        "--reference-guidance-every",
+        type=int,
+        default=1,
+        help="run that branch every k-th step, reusing its last delta between (default 1: every step)",
     )
     parser.add_argument(
         "--reference-scale",
@@ -83,6 +99,8 @@ SETTING_FLAGS = {
     "text_guidance_scale": "--text-guidance",
     "reference_guidance_scale": "--reference-guidance",
     "reference_scale": "--reference-scale",
+    "reference_guidance_interval": "--reference-guidance-interval",
+    "reference_guidance_every": "--reference-guidance-every",
     "negative_prompt": "--negative-prompt",
     "num": "--num",
     "resolution": "--resolution",
@@ -105,6 +123,8 @@ def _settings(args: argparse.Namespace):
             text_guidance_scale=args.text_guidance,
             reference_guidance_scale=args.reference_guidance,
             reference_scale=args.reference_scale,
+            reference_guidance_interval=args.reference_guidance_interval,
+            reference_guidance_every=args.reference_guidance_every,
             negative_prompt=args.negative_prompt,
             num=args.num,
             resolution=args.resolution,

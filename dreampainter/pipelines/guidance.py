@@ -72,3 +72,81 @@ class GuidancePlan:
             conditional = e[TEXT] if TEXT in e else e[TEXT_REF]
             return e[UNCOND] + self.text_scale * (conditional - e[UNCOND])
         return e[TEXT] + self.reference_scale * (e[TEXT_REF] - e[TEXT])  # s_text == 1
+
+    def without_text_branch(self) -> GuidancePlan:
+        """This plan less the ``TEXT`` branch: the two-branch steps of a reference guidance schedule."""
+        return GuidancePlan(self.text_scale, self.reference_scale, tuple(b for b in self.branches if b != TEXT))
+
+    @property
+    def measures_reference(self) -> bool:
+        """Whether the plan runs both ``TEXT`` and ``TEXT_REF``, so a schedule can skip the ``TEXT`` branch."""
+        return TEXT in self.branches and TEXT_REF in self.branches
+
+    def reference_delta(self, noise_pred: torch.Tensor) -> torch.Tensor:
+        """``e(t,r) − e(t,∅)`` from a prediction laid out as this plan's branches (``measures_reference``)."""
+        e = dict(zip(self.branches, noise_pred.chunk(self.num_branches)))
+        return e[TEXT_REF] - e[TEXT]
+
+    def combine_reduced(self, noise_pred: torch.Tensor, reference_delta: torch.Tensor | None) -> torch.Tensor:
+        """Guide a prediction of :meth:`without_text_branch`'s branches, with ``e(t,∅)`` estimated as
+        ``e(t,r) − reference_delta``: ``e(∅,∅) + s_text·(e(t,r) − e(∅,∅)) + (s_ref − s_text)·delta``.
+        Without a delta the reference is guided at ``s_text`` (plain two-branch guidance)."""
+        reduced = self.without_text_branch()
+        guided = reduced.combine(noise_pred)
+        if reference_delta is None:
+            return guided
+        return guided + (self.reference_scale - self.text_scale) * reference_delta
+
+
+def check_reference_guidance_interval(value) -> tuple[float, float] | None:
+    """``None`` or ``(start, end)`` fractions of the steps with ``0 <= start < end <= 1``."""
+    if value is None:
+        return None
+    name = "reference_guidance_interval"
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+        raise InvalidInputError(f"{name}: must be two fractions (start, end) of the steps, got {value!r}")
+    start, end = value
+    for number in (start, end):
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+            raise InvalidInputError(f"{name}: must be two numbers (start, end), got {value!r}")
+    if not 0 <= start < end <= 1:
+        raise InvalidInputError(f"{name}: needs 0 <= start < end <= 1, got {tuple(value)!r}")
+    return float(start), float(end)
+
+
+def check_reference_guidance_every(value) -> int:
+    """A positive int: run the reference-measuring branch every ``value``-th step."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidInputError(f"reference_guidance_every: must be a positive integer, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class ReferenceGuidanceSchedule:
+    """On which steps the ``TEXT`` branch (with ``TEXT_REF`` it measures the reference's effect) runs.
+
+    Inside ``interval`` (fractions of the steps, ``start·N <= step < end·N``) it runs on every ``every``-th
+    step counted from the interval's first step; the steps between reuse the last measured delta
+    ``e(t,r) − e(t,∅)``. Outside the interval the reference is guided at ``s_text`` (two branches).
+    ``interval=None, every=1`` runs it on every step: today's full dual guidance.
+    """
+
+    interval: tuple[float, float] | None = None
+    every: int = 1
+
+    @classmethod
+    def create(cls, interval=None, every: int = 1) -> ReferenceGuidanceSchedule:
+        return cls(check_reference_guidance_interval(interval), check_reference_guidance_every(every))
+
+    @property
+    def is_full(self) -> bool:
+        return self.interval is None and self.every == 1
+
+    def inside(self, step: int, num_steps: int) -> bool:
+        if self.interval is None:
+            return True
+        start, end = self.interval
+        return start * num_steps <= step < end * num_steps
+
+    def first_inside(self, num_steps: int) -> int:
+        return 0 if self.interval is None else math.ceil(self.interval[0] * num_steps)

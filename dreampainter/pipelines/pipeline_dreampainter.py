@@ -34,7 +34,14 @@ from diffusers.utils.torch_utils import randn_tensor
 from dreampainter.errors import InvalidInputError, require_file
 from dreampainter.models import has_reference_adapter
 from dreampainter.pipelines import reference_support
-from dreampainter.pipelines.guidance import TEXT, TEXT_REF, UNCOND, GuidancePlan, check_guidance_scale
+from dreampainter.pipelines.guidance import (
+    TEXT,
+    TEXT_REF,
+    UNCOND,
+    GuidancePlan,
+    ReferenceGuidanceSchedule,
+    check_guidance_scale,
+)
 from dreampainter.pipelines.image_processing import (
     DEFAULT_FEATHER_RADIUS,
     ProductInput,
@@ -376,6 +383,8 @@ class DreamPainterPipeline(DiffusionPipeline):
         text_guidance_scale: float = 7.5,
         reference_guidance_scale: float | None = None,
         reference_scale: float | dict | None = None,
+        reference_guidance_interval: tuple[float, float] | None = None,
+        reference_guidance_every: int = 1,
         num_inference_steps: int = 30,
         num_images_per_prompt: int = 1,
         generator=None,
@@ -444,6 +453,7 @@ class DreamPainterPipeline(DiffusionPipeline):
         check_guidance_scale(text_guidance_scale, "text_guidance_scale")
         if reference_guidance_scale is not None:
             check_guidance_scale(reference_guidance_scale, "reference_guidance_scale")
+        ReferenceGuidanceSchedule.create(reference_guidance_interval, reference_guidance_every)
         self._check_size_arguments(height, width, resolution)
 
     @staticmethod
@@ -772,6 +782,8 @@ class DreamPainterPipeline(DiffusionPipeline):
         text_guidance_scale: float = 7.5,
         reference_guidance_scale: float | None = None,
         reference_scale: float | dict | None = None,
+        reference_guidance_interval: tuple[float, float] | None = None,
+        reference_guidance_every: int = 1,
         num_inference_steps: int = 30,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -805,6 +817,12 @@ class DreamPainterPipeline(DiffusionPipeline):
                 list entries may be ``None``.
             text_guidance_scale, reference_guidance_scale: ``s_text`` and ``s_ref`` of the dual guidance;
                 ``s_ref`` defaults to ``s_text`` (the usual two-branch guidance).
+            reference_guidance_interval, reference_guidance_every: a schedule for the branch that measures
+                the reference's effect (``e(t,∅)``, run when ``s_text != s_ref``): it runs only on steps
+                ``start·N <= step < end·N`` of the ``(start, end)`` fractions, and there only every ``k``-th
+                step, the steps between reusing the last delta ``e(t,r) − e(t,∅)``; outside the interval the
+                reference is guided at ``s_text``. Those steps run two branches instead of three. Default
+                (``None``, ``1``): every step, full dual guidance.
             reference_scale: the attention-level weight of the reference (float, or per-block dict as in
                 diffusers' ``set_ip_adapter_scale``); ``None`` keeps the UNet's current setting.
             generator: a generator, or one per result (``len(prompts) * num_images_per_prompt``) for results
@@ -828,7 +846,8 @@ class DreamPainterPipeline(DiffusionPipeline):
         self.check_inputs(
             prompt, image, product_mask, reference_image, negative_prompt,
             text_guidance_scale=text_guidance_scale, reference_guidance_scale=reference_guidance_scale,
-            reference_scale=reference_scale, num_inference_steps=num_inference_steps,
+            reference_scale=reference_scale, reference_guidance_interval=reference_guidance_interval,
+            reference_guidance_every=reference_guidance_every, num_inference_steps=num_inference_steps,
             num_images_per_prompt=num_images_per_prompt, generator=generator, height=height, width=width,
             resolution=resolution, product_dilation=product_dilation, feather_radius=feather_radius,
             output_type=output_type, callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
@@ -855,7 +874,8 @@ class DreamPainterPipeline(DiffusionPipeline):
             shared = dict(
                 text_guidance_scale=text_guidance_scale, reference_guidance_scale=reference_guidance_scale,
                 reference_scale=reference_scale, num_inference_steps=num_inference_steps,
-                resolution=resolution, product_dilation=product_dilation, paste_product=paste_product,
+                reference_guidance_interval=reference_guidance_interval,
+                reference_guidance_every=reference_guidance_every, resolution=resolution, product_dilation=product_dilation, paste_product=paste_product,
                 feather_radius=feather_radius, eta=eta, max_pixels=max_pixels,
                 callback_on_step_end=callback_on_step_end,
                 callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
@@ -870,6 +890,7 @@ class DreamPainterPipeline(DiffusionPipeline):
         plan = GuidancePlan.create(text_guidance_scale, reference_guidance_scale, has_reference)
         self._guidance_scale, self._reference_guidance_scale = plan.text_scale, plan.reference_scale
         self._plan, self._interrupt = plan, False
+        schedule = ReferenceGuidanceSchedule.create(reference_guidance_interval, reference_guidance_every)
 
         # Conditions: the branches' text rows and reference features.
         prompt_embeds, negative_embeds = self.encode_prompt(
@@ -901,6 +922,7 @@ class DreamPainterPipeline(DiffusionPipeline):
             latents = self._denoise(
                 latents, timesteps, mask_latents, masked_latents, conditions, has_reference,
                 self._extra_step_kwargs(generator, eta), callback_on_step_end, callback_on_step_end_tensor_inputs,
+                schedule,
             )  # fmt: skip
 
         images = self._finish(latents, products, n, paste_product, feather_radius, output_type)
@@ -947,21 +969,33 @@ class DreamPainterPipeline(DiffusionPipeline):
         extra_step_kwargs: dict,
         callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        schedule: ReferenceGuidanceSchedule | None = None,
     ) -> torch.Tensor:
         """The denoising loop: per step one batched UNet call over the plan's branches, guided, stepped.
 
         ``latents`` and the mask latents have one row per generated image; the conditions are laid out per
         branch each step. A step-end callback reads and replaces tensors and may change the guidance
-        (``_guidance_scale``, ``_reference_guidance_scale``) or stop the loop (``_interrupt``).
+        (``_guidance_scale``, ``_reference_guidance_scale``) or stop the loop (``_interrupt``). With a
+        ``schedule`` the ``TEXT`` branch of a plan that has it beside ``TEXT_REF`` runs on its steps only.
         """
         plan, made_from = self._plan, (self._guidance_scale, self._reference_guidance_scale)
+        schedule = schedule or ReferenceGuidanceSchedule()
+        num_steps, first_inside, reference_delta = len(timesteps), None, None
+        if not schedule.is_full:
+            first_inside = schedule.first_inside(num_steps)
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for step, t in enumerate(timesteps):
                 if self.interrupt:
                     progress_bar.update()
                     continue
-                repeat = plan.num_branches
-                encoder_hidden_states, added_cond_kwargs = conditions.for_plan(plan)
+                step_plan, reuse = plan, None  # reuse: the delta a reduced step applies (None: none)
+                if first_inside is not None and plan.measures_reference:
+                    if not schedule.inside(step, num_steps):
+                        step_plan = plan.without_text_branch()
+                    elif reference_delta is not None and (step - first_inside) % schedule.every:
+                        step_plan, reuse = plan.without_text_branch(), reference_delta
+                repeat = step_plan.num_branches
+                encoder_hidden_states, added_cond_kwargs = conditions.for_plan(step_plan)
                 model_input = self.scheduler.scale_model_input(torch.cat([latents] * repeat), t)
                 model_input = torch.cat(
                     [model_input, mask_latents.repeat(repeat, 1, 1, 1), masked_latents.repeat(repeat, 1, 1, 1)],
@@ -974,7 +1008,12 @@ class DreamPainterPipeline(DiffusionPipeline):
                     added_cond_kwargs=added_cond_kwargs,
                     return_dict=False,
                 )[0]
-                noise_pred = plan.combine(noise_pred)
+                if step_plan is plan:
+                    if first_inside is not None and plan.measures_reference:
+                        reference_delta = plan.reference_delta(noise_pred)
+                    noise_pred = plan.combine(noise_pred)
+                else:
+                    noise_pred = plan.combine_reduced(noise_pred, reuse)
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     available = {
@@ -988,11 +1027,12 @@ class DreamPainterPipeline(DiffusionPipeline):
                     mask_latents = returned.pop("mask_latents", mask_latents)
                     masked_latents = returned.pop("masked_image_latents", masked_latents)
                     returned.pop("noise_pred", None)
+                    previous = plan
                     plan, made_from = self._replan(plan, made_from, conditions, has_reference)
                     self._plan = plan
                     for name in ("prompt_embeds", "image_embeds"):
-                        if name in returned:
-                            conditions.replace(plan, name, returned.pop(name))
+                        if name in returned:  # rows as the callback was given them: this step's branches
+                            conditions.replace(step_plan if plan is previous else plan, name, returned.pop(name))
                 progress_bar.update()
         return latents
 

@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from dreampainter.errors import InvalidInputError
+from dreampainter.pipelines.guidance import check_reference_guidance_interval
 from dreampainter.pipelines.image_processing import DEFAULT_FEATHER_RADIUS
 from dreampainter.utils.config import ConfigValueError, check_int, check_number
 
@@ -34,6 +36,10 @@ class GenerationSettings:
     text_guidance_scale: float = 7.5  # s_text
     reference_guidance_scale: float | None = None  # s_ref; None: = s_text (plain two-branch guidance)
     reference_scale: float | None = None  # attention-level reference weight; None: as set in the UNet
+    # The reference guidance schedule (s_text != s_ref): run the branch measuring the reference only inside
+    # these (start, end) fractions of the steps, there every k-th step (reusing the last delta between).
+    reference_guidance_interval: tuple[float, float] | None = None  # None: all steps
+    reference_guidance_every: int = 1
     negative_prompt: str | None = None
     seed: int = 0  # how each caller seeds its generators (per sample, per row) is its own
     resolution: int | None = None  # process at about resolution^2 pixels; None: the input size
@@ -45,6 +51,12 @@ class GenerationSettings:
         check_number(self.text_guidance_scale, "text_guidance_scale")
         check_number(self.reference_guidance_scale, "reference_guidance_scale", optional=True)
         check_number(self.reference_scale, "reference_scale", optional=True)
+        try:
+            interval = check_reference_guidance_interval(self.reference_guidance_interval)
+        except InvalidInputError as error:
+            raise ConfigValueError("reference_guidance_interval", str(error).split(": ", 1)[1]) from None
+        self.reference_guidance_interval = interval
+        check_int(self.reference_guidance_every, "reference_guidance_every", 1)
         if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
             raise ConfigValueError("negative_prompt", f"must be a string or null, got {self.negative_prompt!r}")
         check_int(self.seed, "seed")
