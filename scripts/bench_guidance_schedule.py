@@ -37,6 +37,8 @@ SCHEDULES = {
     "interval 0-0.3": dict(reference_guidance_interval=(0.0, 0.3)),
     "interval 0-0.5, every 2": dict(reference_guidance_interval=(0.0, 0.5), reference_guidance_every=2),
     "every 4": dict(reference_guidance_every=4),
+    "interval 0.35-0.65": dict(reference_guidance_interval=(0.35, 0.65)),
+    "interval 0.7-1": dict(reference_guidance_interval=(0.7, 1.0)),
 }
 METRICS = ("ref", "ref_only", "ref_conflict", "text_conflict")
 
@@ -51,6 +53,7 @@ def main() -> None:
     parser.add_argument("--text-guidance", type=float, default=3.0)
     parser.add_argument("--reference-guidance", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--configs", nargs="+", default=list(SCHEDULES), help="schedules to run (full always)")
     parser.add_argument("--plain", action="store_true", help="also plain two-branch guidance (s_ref = s_text)")
     args = parser.parse_args()
 
@@ -59,7 +62,7 @@ def main() -> None:
     samples = read_validation_samples(args.bench, args.samples)
     offset = random.Random(args.seed).randrange(1, len(samples))
     configs = {name: dict(schedule, reference_guidance_scale=args.reference_guidance)
-               for name, schedule in SCHEDULES.items()}  # fmt: skip
+               for name, schedule in SCHEDULES.items() if name == "full" or name in args.configs}  # fmt: skip
     if args.plain:
         configs["plain two-branch (s_ref = s_text)"] = dict(reference_guidance_scale=args.text_guidance)
 
