@@ -105,8 +105,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (latents are size / 8)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--interval", type=float, nargs=2, default=None, help="ours-3-sched's interval")
-    parser.add_argument("--every", type=int, default=4, help="ours-3-sched's every (default 4)")
+    parser.add_argument(
+        "--interval", type=float, nargs=2, default=(0.7, 1.0), help="ours-3-sched's interval (default 0.7 1)"
+    )
+    parser.add_argument("--every", type=int, default=1, help="ours-3-sched's every (default 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench_infer_"))
