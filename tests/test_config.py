@@ -217,6 +217,8 @@ SETTINGS = {
     "text_guidance_scale": 4.5,
     "reference_guidance_scale": 2.0,
     "reference_scale": 0.8,
+    "reference_guidance_interval": (0.0, 0.5),
+    "reference_guidance_every": 2,
     "negative_prompt": "blurry",
     "seed": 11,
     "resolution": 24,
