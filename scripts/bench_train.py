@@ -301,14 +301,14 @@ def ours_step_fn(parts, accelerator, unet, optimizer, trainable, config, cached:
     from dreampainter.data.loading.loader import build_dataloader
     from dreampainter.training.cache import open_latent_cache
     from dreampainter.training.inputs import prepare_inputs
-    from dreampainter.training.step import diffusion_loss, encode_prompts
+    from dreampainter.training.step import diffusion_loss, empty_text
 
     loader_config = config.data.loader
     if cached:
         loader = open_latent_cache(config, parts, loader_config).dataloader(loader_config, batch_size=batch_size)
     else:
         loader = build_dataloader(config.data.train, loader_config, batch_size=batch_size, num_workers=0)
-    empty = encode_prompts(parts.tokenizer, parts.text_encoder, [""])
+    empty = empty_text(parts)
     generator = torch.Generator().manual_seed(0)
     device = accelerator.device
 

@@ -225,7 +225,7 @@ def make_cached_batch(batch: dict, parts, device, empty_embeds) -> dict:
     cached = {name: tensor.float().cpu() for name, tensor in encoded.items()}
     cached.update(
         drop_text=batch["drop_text"], drop_reference=batch["drop_reference"],
-        empty_text_embeds=empty_embeds.float().cpu(), key=list(batch["key"]),
+        empty_text_embeds=empty_embeds.map(lambda t: t.float().cpu()), key=list(batch["key"]),
     )
     return cached
 
@@ -236,11 +236,11 @@ class Step:
     def __init__(self, parts, trainable, device, weight_dtype, max_grad_norm: float = 1.0):
         import torch
 
-        from dreampainter.training.step import encode_prompts
+        from dreampainter.training.step import empty_text
 
         self.parts, self.trainable, self.device, self.weight_dtype = parts, trainable, device, weight_dtype
         self.max_grad_norm = max_grad_norm
-        self.empty_embeds = encode_prompts(parts.tokenizer, parts.text_encoder, [""])
+        self.empty_embeds = empty_text(parts)
         self.optimizer = torch.optim.AdamW(trainable, lr=1e-4)
         self.scaler = torch.amp.GradScaler(device.type, enabled=weight_dtype == torch.float16)
         self.generator = torch.Generator().manual_seed(0)

@@ -18,7 +18,7 @@ from dreampainter.training import load_config, train
 from dreampainter.training.cache import LATENT_NAMES, REFERENCE_NAME, LatentCache, cache_latents, drop_flags
 from dreampainter.training.components import load_components
 from dreampainter.training.inputs import prepare_inputs
-from dreampainter.training.step import diffusion_loss, encode_prompts
+from dreampainter.training.step import diffusion_loss, empty_text
 
 DROPS = {"p_drop_text": 0.2, "p_drop_reference": 0.2, "p_drop_both": 0.1}
 
@@ -52,7 +52,7 @@ def test_cached_loss_equals_uncached_loss(tmp_path, setup):
     batch = next(iter(build_dataloader(config.data.train, loader_config, batch_size=6, seed=config.run.seed)))
     batch["drop_text"] = torch.tensor([True, False, False, True, False, False])
     batch["drop_reference"] = torch.tensor([False, True, False, True, False, False])
-    uncached = prepare_inputs(batch, parts, encode_prompts(parts.tokenizer, parts.text_encoder, [""]), 2, "cpu")
+    uncached = prepare_inputs(batch, parts, empty_text(parts), 2, "cpu")
 
     cache = LatentCache(setup[2])
     cached_batch = cache.read([cache.index_of(key) for key in batch["key"]], (*LATENT_NAMES, REFERENCE_NAME))

@@ -13,12 +13,12 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_tiny_base(folder: Path, with_reference_encoder: bool = True) -> Path:
+def make_tiny_base(folder: Path, with_reference_encoder: bool = True, backbone: str = "sd") -> Path:
     """A tiny DreamPainter pipeline folder without adapter (what stage 1 / stage 2 start from)."""
     from dreampainter.models import remove_reference_adapter
     from dreampainter.toy.pipeline import build_tiny_pipeline
 
-    pipe = build_tiny_pipeline(folder / "_tokenizer", reference=with_reference_encoder)
+    pipe = build_tiny_pipeline(folder / "_tokenizer", reference=with_reference_encoder, backbone=backbone)
     if with_reference_encoder:
         remove_reference_adapter(pipe.unet)
     pipe.save_pretrained(str(folder / "base"))

@@ -19,3 +19,25 @@ def sd15_inpainting_unet_config() -> dict:
         cross_attention_dim=768,
         attention_head_dim=8,
     )
+
+
+def sdxl_inpainting_unet_config() -> dict:
+    """The real SDXL-inpainting UNet config (diffusers/stable-diffusion-xl-1.0-inpainting-0.1, 2.57B
+    parameters): three resolutions, 1/2/10 transformer layers, cross-attention width 2048 (the two text
+    encoders' 768 + 1280), ``text_time`` micro-conditioning (6 ids x 256 + the 1280-d pooled embedding)."""
+    return dict(
+        sample_size=128,
+        in_channels=9,
+        out_channels=4,
+        block_out_channels=(320, 640, 1280),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        cross_attention_dim=2048,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )

@@ -18,7 +18,8 @@ import math
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from dreampainter.errors import InvalidInputError, require_file
 from dreampainter.models import has_reference_adapter
+from dreampainter.models.backbones import Backbone, StableDiffusionXL, TextConditions, backbone_for_unet
 from dreampainter.pipelines import reference_support
 from dreampainter.pipelines.guidance import (
     TEXT,
@@ -134,12 +136,16 @@ def _negative_prompts(negative_prompt, batch_size: int) -> list[str]:
     return _broadcast(_as_list(negative_prompt or "", "negative_prompt"), batch_size, "negative_prompt")
 
 
+# Callback tensor names that are parts of the text conditions (see ``TextConditions``).
+_TEXT_PARTS = {"prompt_embeds": "tokens", "add_text_embeds": "pooled", "add_time_ids": "time_ids"}
+
+
 @dataclass
 class BranchConditions:
-    """The UNet's conditions of each guidance branch (``text``: prompt rows; ``image``: projection inputs,
-    ``None`` without the adapter), laid out for a plan's branches at every step."""
+    """The UNet's conditions of each guidance branch (``text``: prompt rows, with SDXL's pooled embeddings and
+    time ids; ``image``: projection inputs, ``None`` without the adapter), laid out for a plan's branches."""
 
-    text: dict[str, torch.Tensor]
+    text: dict[str, TextConditions]
     image: dict[str, torch.Tensor] | None
 
     def available(self) -> set[str]:
@@ -147,22 +153,26 @@ class BranchConditions:
 
     def for_plan(self, plan: GuidancePlan) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         """``(encoder_hidden_states, added_cond_kwargs)`` for one batched call over ``plan.branches``."""
-        text = torch.cat([self.text[branch] for branch in plan.branches])
-        if self.image is None:
-            return text, None
-        return text, {"image_embeds": torch.cat([self.image[branch] for branch in plan.branches])}
+        text = TextConditions.cat([self.text[branch] for branch in plan.branches])
+        added = text.added_cond_kwargs()
+        if self.image is not None:
+            added["image_embeds"] = torch.cat([self.image[branch] for branch in plan.branches])
+        return text.tokens, added or None
 
     def replace(self, plan: GuidancePlan, name: str, value: torch.Tensor) -> None:
         """Take ``value`` (branch rows in ``plan``'s order, as a callback returns them) as the new ``name``."""
-        store = self.text if name == "prompt_embeds" else self.image
-        if store is None:
+        if name not in _TEXT_PARTS and self.image is None:
             raise InvalidInputError(f"callback_on_step_end returned {name}, but this UNet has no reference adapter")
         if value.shape[0] % plan.num_branches:
             raise InvalidInputError(
                 f"callback_on_step_end returned {name} with {value.shape[0]} rows; the guidance branches "
                 f"{list(plan.branches)} need a multiple of {plan.num_branches}"
             )
-        store.update(zip(plan.branches, value.chunk(plan.num_branches)))
+        for branch, rows in zip(plan.branches, value.chunk(plan.num_branches)):
+            if name in _TEXT_PARTS:
+                self.text[branch] = replace(self.text[branch], **{_TEXT_PARTS[name]: rows})
+            else:
+                self.image[branch] = rows
 
 
 class DreamPainterPipeline(DiffusionPipeline):
@@ -171,20 +181,35 @@ class DreamPainterPipeline(DiffusionPipeline):
     Components: ``vae``, ``text_encoder``, ``tokenizer``, ``unet`` (a 9-channel inpainting UNet, with the
     reference adapter installed for reference control), ``scheduler`` and ``reference_encoder``
     (optional: without it the pipeline is text-only and equals diffusers'
-    ``StableDiffusionInpaintPipeline``).
+    ``StableDiffusionInpaintPipeline``). An SDXL UNet (``addition_embed_type="text_time"``) also needs
+    ``text_encoder_2`` / ``tokenizer_2``; text-only it equals ``StableDiffusionXLInpaintPipeline``. What
+    differs between the two is the :attr:`backbone` (``dreampainter.models.backbones``).
     """
 
-    model_cpu_offload_seq = "text_encoder->reference_encoder->unet->vae"
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->reference_encoder->unet->vae"
     # vae / unet / scheduler may be None for a pipeline that only encodes prompts (``encode_prompt``).
-    _optional_components = ["reference_encoder", "vae", "unet", "scheduler"]
+    _optional_components = ["reference_encoder", "vae", "unet", "scheduler", "text_encoder_2", "tokenizer_2"]
     # Tensors a step-end callback may read; those it returns replace the loop's (``noise_pred`` is read-only).
     # ``prompt_embeds`` / ``image_embeds`` are the UNet's rows for every guidance branch run, in branch
     # order (as diffusers' ``[negative, positive]``); the mask latents have one row per generated image.
+    # ``add_text_embeds`` / ``add_time_ids``: SDXL's pooled embeddings and micro-conditioning, likewise.
     _callback_tensor_inputs = [
         "latents", "prompt_embeds", "image_embeds", "mask_latents", "masked_image_latents", "noise_pred",
+        "add_text_embeds", "add_time_ids",
     ]  # fmt: skip
 
-    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, reference_encoder=None):
+    def __init__(
+        self,
+        vae,
+        text_encoder,
+        tokenizer,
+        unet,
+        scheduler,
+        reference_encoder=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        force_zeros_for_empty_prompt: bool = True,
+    ):
         super().__init__()
         self.register_modules(
             vae=vae,
@@ -193,7 +218,11 @@ class DreamPainterPipeline(DiffusionPipeline):
             unet=unet,
             scheduler=scheduler,
             reference_encoder=reference_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
         )
+        # SDXL: no negative prompt -> zero negative conditions, as diffusers' SDXL pipelines (SD ignores it).
+        self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self.mask_processor = VaeImageProcessor(
@@ -289,6 +318,13 @@ class DreamPainterPipeline(DiffusionPipeline):
         """Whether the UNet carries the reference adapter (else only text-only generation is possible)."""
         return has_reference_adapter(self.unet)
 
+    @property
+    def backbone(self) -> Backbone:
+        """The UNet family (SD 1.x/2.x or SDXL): text encoding, micro-conditioning, default sizes."""
+        if self.unet is not None:
+            return backbone_for_unet(self.unet)
+        return StableDiffusionXL() if self.text_encoder_2 is not None else backbone_for_unet({})
+
     def encode_prompt(
         self,
         prompt: str | list[str] | None,
@@ -298,40 +334,84 @@ class DreamPainterPipeline(DiffusionPipeline):
         negative_prompt: str | list[str] | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Text-encoder hidden states, one row per generated image, as diffusers' ``encode_prompt``.
+        *,
+        prompt_2: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, ...]:
+        """Text-encoder states, one row per generated image, as diffusers' ``encode_prompt``.
 
-        Returns ``(prompt_embeds, negative_prompt_embeds)``; the negative ones (``negative_prompt`` or the
-        empty prompt) only with ``do_classifier_free_guidance``. Given embeddings (one row per prompt) are
-        used as they are. Works on a pipeline built with only ``text_encoder`` and ``tokenizer``.
+        SD 1.x/2.x: ``(prompt_embeds, negative_prompt_embeds)``. SDXL: ``(prompt_embeds,
+        negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)``, the two encoders'
+        penultimate states concatenated (``prompt_2`` / ``negative_prompt_2`` go to the second encoder,
+        default: the same texts; no ``negative_prompt`` gives zeros when ``force_zeros_for_empty_prompt``).
+        The negative ones only with ``do_classifier_free_guidance``. Given embeddings (one row per prompt)
+        are used as they are. Works on a pipeline built with only its text encoders and tokenizers.
         """
+        text, negative = self.encode_text_conditions(
+            prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt,
+            prompt_embeds, negative_prompt_embeds, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
+            pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+        )  # fmt: skip
+        negative_tokens = None if negative is None else negative.tokens
+        if not self.backbone.uses_pooled_text:
+            return text.tokens, negative_tokens
+        return text.tokens, negative_tokens, text.pooled, None if negative is None else negative.pooled
+
+    def encode_text_conditions(
+        self,
+        prompt: str | list[str] | None,
+        device: torch.device | None = None,
+        num_images_per_prompt: int = 1,
+        do_classifier_free_guidance: bool = True,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        *,
+        prompt_2: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+    ) -> tuple[TextConditions, TextConditions | None]:
+        """:meth:`encode_prompt` as :class:`TextConditions` (tokens, and SDXL's pooled embeddings)."""
         device = device or self._execution_device
         dtype = self.unet.dtype if self.unet is not None else self.text_encoder.dtype
+        backbone = self.backbone
+        pooled_needed = backbone.uses_pooled_text
 
-        def encode(texts: list[str]) -> torch.Tensor:
-            tokens = self.tokenizer(
-                texts,
-                padding="max_length",
-                max_length=self.tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
+        def encode(texts: list[str], texts_2: list[str] | None) -> TextConditions:
+            return backbone.encode_text(self, texts, device, texts_2)
+
+        def given(tokens: torch.Tensor, pooled: torch.Tensor | None, name: str) -> TextConditions:
+            if pooled_needed and pooled is None:
+                raise InvalidInputError(f"{name}: SDXL needs the pooled embeddings too (pooled_{name})")
+            return TextConditions(tokens, pooled if pooled_needed else None)
+
+        def per_image(conditions: TextConditions) -> TextConditions:
+            return conditions.map(
+                lambda t: t.to(dtype=dtype, device=device).repeat_interleave(num_images_per_prompt, dim=0)
             )
-            attention_mask = None
-            if getattr(self.text_encoder.config, "use_attention_mask", False):
-                attention_mask = tokens.attention_mask.to(device)
-            return self.text_encoder(tokens.input_ids.to(device), attention_mask=attention_mask)[0]
-
-        def per_image(embeds: torch.Tensor) -> torch.Tensor:
-            return embeds.to(dtype=dtype, device=device).repeat_interleave(num_images_per_prompt, dim=0)
 
         if prompt_embeds is None:
-            prompt_embeds = encode(_as_list(prompt, "prompt"))
+            prompts = _as_list(prompt, "prompt")
+            text = encode(prompts, None if prompt_2 is None else _broadcast(_as_list(prompt_2, "prompt_2"), len(prompts), "prompt_2"))
+        else:
+            text = given(prompt_embeds, pooled_prompt_embeds, "prompt_embeds")
         negative = None
         if do_classifier_free_guidance:
-            if negative_prompt_embeds is None:
-                negative_prompt_embeds = encode(_negative_prompts(negative_prompt, prompt_embeds.shape[0]))
-            negative = per_image(negative_prompt_embeds)
-        return per_image(prompt_embeds), negative
+            if negative_prompt_embeds is not None:
+                negative = given(negative_prompt_embeds, negative_pooled_prompt_embeds, "negative_prompt_embeds")
+            elif pooled_needed and negative_prompt is None and self.config.get("force_zeros_for_empty_prompt", True):
+                negative = text.map(torch.zeros_like)
+            else:
+                negatives = _negative_prompts(negative_prompt, text.rows)
+                negatives_2 = None
+                if negative_prompt_2 is not None:
+                    negatives_2 = _broadcast(_as_list(negative_prompt_2, "negative_prompt_2"), text.rows, "negative_prompt_2")
+                negative = encode(negatives, negatives_2)
+            negative = per_image(negative)
+        return per_image(text), negative
 
     def encode_reference(
         self, references: list[PIL.Image.Image | None], device: torch.device, num_images_per_prompt: int
@@ -349,21 +429,26 @@ class DreamPainterPipeline(DiffusionPipeline):
 
     def prepare_branch_conditions(
         self,
-        prompt_embeds: torch.Tensor,
-        negative_embeds: torch.Tensor | None,
+        prompt_embeds: torch.Tensor | TextConditions,
+        negative_embeds: torch.Tensor | TextConditions | None,
         reference_features: torch.Tensor | None,
         device: torch.device,
     ) -> BranchConditions:
         """The UNet's conditions per guidance branch: the negative prompt rows for ``UNCOND``, the prompt rows
         otherwise; with the adapter installed, ``reference_features`` for ``TEXT_REF`` and zeros ("no
-        reference") for the other branches. Branches whose inputs are missing are left out."""
+        reference") for the other branches. Branches whose inputs are missing are left out. The text rows
+        are tensors (SD) or :class:`TextConditions` (with SDXL's pooled embeddings and time ids)."""
+        if isinstance(prompt_embeds, torch.Tensor):
+            prompt_embeds = TextConditions(prompt_embeds)
+        if isinstance(negative_embeds, torch.Tensor):
+            negative_embeds = TextConditions(negative_embeds)
         text = {TEXT: prompt_embeds, TEXT_REF: prompt_embeds}
         if negative_embeds is not None:
             text[UNCOND] = negative_embeds
         if not self.has_reference_adapter:
             return BranchConditions(text, None)
         no_reference = reference_support.zero_features(
-            self.unet, prompt_embeds.shape[0], device, self.unet.dtype, like=reference_features
+            self.unet, prompt_embeds.rows, device, self.unet.dtype, like=reference_features
         )
         image = {branch: no_reference for branch in (UNCOND, TEXT)}
         if reference_features is not None:
@@ -541,9 +626,12 @@ class DreamPainterPipeline(DiffusionPipeline):
     def _processing_sizes(
         self, products: list[ProductInput], height: int | None, width: int | None, resolution: int | None
     ) -> list[tuple[int, int]]:
-        """The (width, height) each product is processed at: given, or its size rounded to the VAE factor."""
+        """The (width, height) each product is processed at: given; else its size rounded to the VAE factor
+        (SD), or the backbone's resolution bucket of the closest aspect ratio (SDXL)."""
         if height is not None:
             return [(int(width), int(height))] * len(products)
+        if self.backbone.snaps_to_buckets:  # SDXL: the resolution bucket closest in aspect ratio
+            return [self.backbone.bucket_size(*product.size, resolution) for product in products]
         return [processing_size(*product.size, self.vae_scale_factor, resolution) for product in products]
 
     def _preprocess_products(
@@ -582,9 +670,14 @@ class DreamPainterPipeline(DiffusionPipeline):
             negative_prompt = _broadcast(list(negative_prompt), len(prompts), "negative_prompt")
         rows: list = [None] * (len(prompts) * n)
         masks: list = [None] * (len(prompts) * n)
+        per_prompt = {}  # SDXL's second prompts, grouped like the prompts
+        for name in ("prompt_2", "negative_prompt_2"):
+            if isinstance(shared.get(name), (list, tuple)):
+                per_prompt[name] = _broadcast(list(shared.pop(name)), len(prompts), name)
         for size in dict.fromkeys(sizes):
             group = [i for i, other in enumerate(sizes) if other == size]
             output = self(
+                **{name: [values[i] for i in group] for name, values in per_prompt.items()},
                 prompt=[prompts[i] for i in group],
                 image=[products[i].image for i in group],
                 product_mask=[products[i].product_mask for i in group],
@@ -675,15 +768,33 @@ class DreamPainterPipeline(DiffusionPipeline):
         self, masked_images: torch.Tensor, generator, rows_per_image: int
     ) -> torch.Tensor:
         """VAE latents (sampled, like diffusers) of the masked images; generator lists align with result rows."""
-        if isinstance(generator, list):
-            latents = [
-                _sample_latents(self.vae.encode(masked_images[i : i + 1]), generator[i * rows_per_image])
-                for i in range(masked_images.shape[0])
-            ]
-            latents = torch.cat(latents)
-        else:
-            latents = _sample_latents(self.vae.encode(masked_images), generator)
+        with self._vae_precision():
+            masked_images = masked_images.to(self.vae.dtype)
+            if isinstance(generator, list):
+                latents = [
+                    _sample_latents(self.vae.encode(masked_images[i : i + 1]), generator[i * rows_per_image])
+                    for i in range(masked_images.shape[0])
+                ]
+                latents = torch.cat(latents)
+            else:
+                latents = _sample_latents(self.vae.encode(masked_images), generator)
         return self.vae.config.scaling_factor * latents
+
+    @contextmanager
+    def _vae_precision(self):
+        """SDXL's VAE overflows in float16: run it in float32 (``force_upcast``), as diffusers' SDXL pipelines."""
+        upcast = (
+            self.backbone.upcasts_fp16_vae
+            and self.vae.dtype == torch.float16
+            and getattr(self.vae.config, "force_upcast", False)
+        )
+        if upcast:
+            self.vae.to(torch.float32)
+        try:
+            yield
+        finally:
+            if upcast:
+                self.vae.to(torch.float16)
 
     def _extra_step_kwargs(self, generator, eta: float) -> dict:
         parameters = set(inspect.signature(self.scheduler.step).parameters)
@@ -803,6 +914,16 @@ class DreamPainterPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        prompt_2: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] | None = None,
+        negative_target_size: tuple[int, int] | None = None,
     ) -> DreamPainterPipelineOutput | tuple:
         """Generate a new background around the product.
 
@@ -842,7 +963,20 @@ class DreamPainterPipeline(DiffusionPipeline):
                 holds the ``callback_on_step_end_tensor_inputs``; every tensor returned replaces the loop's,
                 and ``pipe._guidance_scale`` / ``pipe._reference_guidance_scale`` / ``pipe._interrupt`` may
                 be changed (a guidance scale set to <= 1 turns classifier-free guidance off, as in diffusers).
+            prompt_2, negative_prompt_2, pooled_prompt_embeds, negative_pooled_prompt_embeds: SDXL only, as in
+                diffusers' SDXL pipelines: the second text encoder's prompts (default: the same texts) and the
+                pooled embeddings that go with precomputed ``prompt_embeds``.
+            original_size, crops_coords_top_left, target_size (and their ``negative_`` versions): SDXL's
+                micro-conditioning, ``(height, width)`` / ``(top, left)``. Default: each product photo's own
+                size as the original size, no crop, the processing size as the target size.
         """
+        xl_arguments = dict(
+            prompt_2=prompt_2, negative_prompt_2=negative_prompt_2, pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, original_size=original_size,
+            target_size=target_size, negative_original_size=negative_original_size,
+            negative_crops_coords_top_left=negative_crops_coords_top_left, negative_target_size=negative_target_size,
+        )  # fmt: skip
+        self._check_backbone_arguments(xl_arguments, prompt_embeds, negative_prompt_embeds)
         self.check_inputs(
             prompt, image, product_mask, reference_image, negative_prompt,
             text_guidance_scale=text_guidance_scale, reference_guidance_scale=reference_guidance_scale,
@@ -879,6 +1013,7 @@ class DreamPainterPipeline(DiffusionPipeline):
                 feather_radius=feather_radius, eta=eta, max_pixels=max_pixels,
                 callback_on_step_end=callback_on_step_end,
                 callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                crops_coords_top_left=crops_coords_top_left, **xl_arguments,
             )  # fmt: skip
             return self._call_per_size(
                 sizes, _as_list(prompt, "prompt"), products, references, negative_prompt, generator, n,
@@ -892,10 +1027,16 @@ class DreamPainterPipeline(DiffusionPipeline):
         self._plan, self._interrupt = plan, False
         schedule = ReferenceGuidanceSchedule.create(reference_guidance_interval, reference_guidance_every)
 
-        # Conditions: the branches' text rows and reference features.
-        prompt_embeds, negative_embeds = self.encode_prompt(
-            prompt, device, n, UNCOND in plan.branches, negative_prompt, prompt_embeds, negative_prompt_embeds
-        )
+        # Conditions: the branches' text rows (with SDXL's pooled embeddings and time ids) and reference features.
+        prompt_embeds, negative_embeds = self.encode_text_conditions(
+            prompt, device, n, UNCOND in plan.branches, negative_prompt, prompt_embeds, negative_prompt_embeds,
+            prompt_2=prompt_2, negative_prompt_2=negative_prompt_2, pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+        )  # fmt: skip
+        prompt_embeds, negative_embeds = self._with_time_ids(
+            prompt_embeds, negative_embeds, products, (height, width), n, original_size, crops_coords_top_left,
+            target_size, negative_original_size, negative_crops_coords_top_left, negative_target_size,
+        )  # fmt: skip
         features = None
         if self.has_reference_adapter and TEXT_REF in plan.branches:
             features = (
@@ -931,6 +1072,68 @@ class DreamPainterPipeline(DiffusionPipeline):
         if not return_dict:
             return images, masks
         return DreamPainterPipelineOutput(images=images, masks=masks)
+
+    def _check_backbone_arguments(self, xl_arguments: dict, prompt_embeds, negative_prompt_embeds) -> None:
+        """SDXL-only arguments on an SD pipeline, or precomputed SDXL embeddings without their pooled ones."""
+        if not self.backbone.uses_pooled_text:
+            given = [name for name, value in xl_arguments.items() if value is not None]
+            if given:
+                raise InvalidInputError(
+                    f"{given[0]}: only SDXL pipelines take it; this UNet is {self.backbone.description}"
+                )
+            return
+        embeds = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
+        for name, value in embeds.items():
+            pooled = name.replace("prompt_embeds", "pooled_prompt_embeds")
+            if value is not None and xl_arguments[pooled] is None:
+                raise InvalidInputError(f"{name}: SDXL also needs the pooled embeddings ({pooled})")
+        sizes = ("original_size", "target_size", "negative_original_size", "negative_crops_coords_top_left",
+                 "negative_target_size")  # fmt: skip
+        for name in sizes:
+            value = xl_arguments[name]
+            if value is not None and (len(value) != 2 or any(not isinstance(v, int) or v < 0 for v in value)):
+                raise InvalidInputError(f"{name}: must be two integers >= 0, (height, width) or (top, left); got {value!r}")
+
+    def _with_time_ids(
+        self,
+        text: TextConditions,
+        negative: TextConditions | None,
+        products: list[ProductInput],
+        processing: tuple[int, int],
+        num_images_per_prompt: int,
+        original_size,
+        crops,
+        target_size,
+        negative_original_size,
+        negative_crops,
+        negative_target_size,
+    ) -> tuple[TextConditions, TextConditions | None]:
+        """Add the backbone's micro-conditioning (SDXL ``time_ids``) to the text rows; SD is unchanged."""
+        rows = text.rows
+
+        def ids(original, crop, target) -> torch.Tensor | None:
+            originals = (
+                [tuple(original)] * rows
+                if original is not None
+                else [products[row // num_images_per_prompt].size[::-1] for row in range(rows)]
+            )
+            made = self.backbone.time_ids(self.unet, originals, tuple(target or processing), [tuple(crop)] * rows)
+            return None if made is None else made.to(device=text.tokens.device, dtype=text.tokens.dtype)
+
+        positive = ids(original_size, crops, target_size)
+        if positive is None:
+            return text, negative
+        text = replace(text, time_ids=positive)
+        if negative is not None:
+            negative = replace(
+                negative,
+                time_ids=ids(
+                    negative_original_size or original_size,
+                    negative_crops or crops,
+                    negative_target_size or target_size,
+                ),
+            )
+        return text, negative
 
     def _given_reference_features(
         self, embeds: torch.Tensor, batch_size: int, num_images_per_prompt: int, device: torch.device
@@ -1016,10 +1219,12 @@ class DreamPainterPipeline(DiffusionPipeline):
                     noise_pred = plan.combine_reduced(noise_pred, reuse)
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
                 if callback_on_step_end is not None:
+                    added = added_cond_kwargs or {}
                     available = {
                         "latents": latents, "prompt_embeds": encoder_hidden_states,
-                        "image_embeds": None if added_cond_kwargs is None else added_cond_kwargs["image_embeds"],
-                        "mask_latents": mask_latents, "masked_image_latents": masked_latents, "noise_pred": noise_pred,
+                        "image_embeds": added.get("image_embeds"), "add_text_embeds": added.get("text_embeds"),
+                        "add_time_ids": added.get("time_ids"), "mask_latents": mask_latents,
+                        "masked_image_latents": masked_latents, "noise_pred": noise_pred,
                     }  # fmt: skip
                     tensors = {name: available[name] for name in callback_on_step_end_tensor_inputs}
                     returned = dict(callback_on_step_end(self, step, t, tensors) or {})
@@ -1030,7 +1235,7 @@ class DreamPainterPipeline(DiffusionPipeline):
                     previous = plan
                     plan, made_from = self._replan(plan, made_from, conditions, has_reference)
                     self._plan = plan
-                    for name in ("prompt_embeds", "image_embeds"):
+                    for name in ("prompt_embeds", "image_embeds", "add_text_embeds", "add_time_ids"):
                         if name in returned:  # rows as the callback was given them: this step's branches
                             conditions.replace(step_plan if plan is previous else plan, name, returned.pop(name))
                 progress_bar.update()
@@ -1048,8 +1253,9 @@ class DreamPainterPipeline(DiffusionPipeline):
         """Final latents -> decoded images at the input size, product pasted back, in ``output_type``."""
         if output_type == "latent":
             return latents
-        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
-        decoded = self.vae.decode(latents, return_dict=False)[0]
+        with self._vae_precision():
+            latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+            decoded = self.vae.decode(latents, return_dict=False)[0]
         decoded = (decoded.float() / 2 + 0.5).clamp(0, 1)
         results = []
         for row, image in enumerate(decoded):

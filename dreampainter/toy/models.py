@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 CLIP_VOCAB_SIZE = 49408
 CLIP_CONTEXT_LENGTH = 77
@@ -42,6 +42,23 @@ def build_tiny_unet(
 ) -> UNet2DConditionModel:
     torch.manual_seed(seed)
     return UNet2DConditionModel(**{**tiny_unet_config(cross_attention_dim, block_out_channels), **overrides})
+
+
+def tiny_sdxl_unet_config(text_widths: tuple[int, int] = (32, 32), pooled_dim: int = 32) -> dict:
+    """A tiny SDXL-style inpainting UNet config: two text encoders' widths concatenated for
+    cross-attention, ``text_time`` micro-conditioning (6 ids of 8 dims + the pooled embedding)."""
+    return {
+        **tiny_unet_config(cross_attention_dim=sum(text_widths)),
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 8,
+        "projection_class_embeddings_input_dim": 6 * 8 + pooled_dim,
+        "use_linear_projection": True,
+    }
+
+
+def build_tiny_sdxl_unet(seed: int = 0, **overrides) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**{**tiny_sdxl_unet_config(), **overrides})
 
 
 def build_tiny_vae(seed: int = 0, block_out_channels=(16, 32), latent_channels: int = 4) -> AutoencoderKL:
@@ -77,6 +94,24 @@ def build_tiny_text_encoder(seed: int = 0, hidden_size: int = 32, num_layers: in
         projection_dim=hidden_size,
     )
     return CLIPTextModel(config).eval()
+
+
+def build_tiny_text_encoder_2(seed: int = 1, hidden_size: int = 32, projection_dim: int = 32) -> CLIPTextModelWithProjection:
+    """SDXL's second text encoder, tiny: CLIP text model with a projection (the pooled ``text_embeds``)."""
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=CLIP_CONTEXT_LENGTH,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        projection_dim=projection_dim,
+    )
+    return CLIPTextModelWithProjection(config).eval()
 
 
 def build_tiny_scheduler(**overrides) -> DDIMScheduler:

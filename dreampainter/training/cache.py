@@ -10,10 +10,12 @@ stay **fixed** for every epoch of a cached run) and stores per sample what
 ``masked_mean`` / ``_std``  ... of the masked photo
 ``mask``                    the inpainting mask at latent size (1 = repaint)
 ``text_embeds``             the prompt's CLIP text tokens
+``pooled_text_embeds``      SDXL only: the pooled text embedding
+``time_ids``                SDXL only: the micro-conditioning (original size, crop, target size)
 ``reference_features``      what the adapter's projection consumes (stage 2 caches only)
 =======================  ===============================================================
 
-plus, once, the empty prompt's text tokens. Latents are still *sampled* from the stored posterior
+plus, once, what a dropped prompt becomes (``step.empty_text``). Latents are still *sampled* from the stored posterior
 at every step (same draws as the uncached path), so only the augmentation is frozen.
 
 Layout of a cache folder: ``chunk-<rank>-<n>.safetensors`` (rows of samples sharing one latent
@@ -50,13 +52,16 @@ from dreampainter.data.loading.buckets import bucket_batches
 from dreampainter.data.loading.loader import LoaderConfig, SkipCounter, build_dataloader
 from dreampainter.errors import InvalidInputError, MissingFileError
 from dreampainter.models import reference_features
+from dreampainter.models.backbones import TextConditions
 from dreampainter.training.config import TrainConfig
 from dreampainter.training.step import (
     StepInputs,
+    batch_time_ids,
     condition_reference,
     drop_masks,
+    empty_text,
     encode_latent_distribution,
-    encode_prompts,
+    encode_text,
     latent_mask,
     select_text,
 )
@@ -74,6 +79,7 @@ CACHE_FORMAT = 1
 INDEX_NAME = "index.json"
 EMPTY_PROMPT_NAME = "empty_prompt.safetensors"
 LATENT_NAMES = ("latent_mean", "latent_std", "masked_mean", "masked_std", "mask", "text_embeds")
+TEXT_PART_NAMES = ("pooled_text_embeds", "time_ids")  # cached when the backbone has them (SDXL)
 REFERENCE_NAME = "reference_features"
 MAX_OPEN_CHUNKS = 128
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -94,12 +100,15 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def components_fingerprint(parts, with_reference: bool) -> dict[str, str]:
-    """Per component (vae, text_encoder, tokenizer[, reference_encoder]) fingerprints."""
+    """Per component (vae, text encoder(s), tokenizer(s)[, reference_encoder]) fingerprints."""
     prints = {
         "vae": module_fingerprint(parts.vae),
         "text_encoder": module_fingerprint(parts.text_encoder),
         "tokenizer": tokenizer_fingerprint(parts.tokenizer),
     }
+    if getattr(parts, "text_encoder_2", None) is not None:
+        prints["text_encoder_2"] = module_fingerprint(parts.text_encoder_2)
+        prints["tokenizer_2"] = tokenizer_fingerprint(parts.tokenizer_2)
     if with_reference:
         prints["reference_encoder"] = module_fingerprint(parts.reference_encoder)
     return prints
@@ -120,14 +129,21 @@ def encode_batch(batch: Mapping[str, Any], parts, adapter_config, device) -> dic
     """A loader batch -> the per-sample tensors a cached step needs (before dropout), on ``device``."""
     latent_mean, latent_std = encode_latent_distribution(parts.vae, batch["pixel_values"].to(device))
     masked_mean, masked_std = encode_latent_distribution(parts.vae, batch["masked_pixel_values"].to(device))
+    latent_size = tuple(latent_mean.shape[-2:])
+    text = encode_text(parts, batch["prompt"])
     encoded = {
         "latent_mean": latent_mean.float(),
         "latent_std": latent_std.float(),
         "masked_mean": masked_mean.float(),
         "masked_std": masked_std.float(),
-        "mask": latent_mask(batch["mask"].to(device), tuple(latent_mean.shape[-2:])),
-        "text_embeds": encode_prompts(parts.tokenizer, parts.text_encoder, list(batch["prompt"])).float(),
+        "mask": latent_mask(batch["mask"].to(device), latent_size),
+        "text_embeds": text.tokens.float(),
     }
+    if text.pooled is not None:
+        encoded["pooled_text_embeds"] = text.pooled.float()
+    time_ids = batch_time_ids(parts, batch, latent_size, batch["pixel_values"].shape[-1] // latent_size[-1])
+    if time_ids is not None:
+        encoded["time_ids"] = time_ids.to(device)
     if adapter_config is not None:
         output = parts.reference_encoder(batch["reference_pixel_values"].to(device))
         encoded[REFERENCE_NAME] = reference_features(output, adapter_config).float()
@@ -199,9 +215,8 @@ def cache_latents(
     stage = config.run.stage
     adapter_config = parts.unet.reference_adapter_config if stage == 2 else None
     parts.unet = None  # not needed here: free its memory
-    for module in (parts.vae, parts.text_encoder, parts.reference_encoder):
-        if module is not None:
-            module.requires_grad_(False).to(device=device, dtype=weight_dtype).eval()
+    for module in parts.frozen_encoders():
+        module.requires_grad_(False).to(device=device, dtype=weight_dtype).eval()
 
     loader = build_dataloader(
         config.data.train, _cache_loader_config(config), batch_size=batch_size or config.train.batch_size,
@@ -221,9 +236,12 @@ def cache_latents(
     atomic_write_json(folder / f"part-{state.process_index:05d}.json", part, indent=1)
 
     if state.is_main_process:
-        empty = encode_prompts(parts.tokenizer, parts.text_encoder, [""]).float()
+        empty = empty_text(parts)
+        tensors = {"text_embeds": empty.tokens}
+        if empty.pooled is not None:
+            tensors["pooled_text_embeds"] = empty.pooled
         with atomic_path(folder / EMPTY_PROMPT_NAME) as temporary:
-            save_file({"text_embeds": empty.cpu().to(DTYPES[dtype]).contiguous()}, str(temporary))
+            save_file({k: v.float().cpu().to(DTYPES[dtype]).contiguous() for k, v in tensors.items()}, str(temporary))
         fingerprint = components_fingerprint(parts, with_reference=adapter_config is not None)
     state.wait_for_everyone()
     index_path = folder / INDEX_NAME
@@ -236,6 +254,7 @@ def cache_latents(
             "weight_dtype": str(weight_dtype).removeprefix("torch."),
             "dtype": dtype,
             "reference_feature_type": None if adapter_config is None else adapter_config.feature_type,
+            "text_parts": list(TEXT_PART_NAMES) if parts.backbone.uses_pooled_text else [],
             "source": str(config.data.train),
             "seed": int(config.run.seed),
             "loader": dataclasses.asdict(_cache_loader_config(config)),
@@ -330,9 +349,16 @@ class LatentCache:
                 self.folder, ", ".join(differing),
             )
 
-    def empty_text_embeds(self) -> torch.Tensor:
+    @property
+    def text_part_names(self) -> tuple[str, ...]:
+        """The per-sample text parts beyond the tokens that this cache holds (SDXL's)."""
+        return tuple(self.index.get("text_parts", ()))
+
+    def empty_text_embeds(self) -> TextConditions:
         with safe_open(str(self.folder / EMPTY_PROMPT_NAME), framework="pt") as handle:
-            return handle.get_tensor("text_embeds").float()
+            names = set(handle.keys())
+            pooled = handle.get_tensor("pooled_text_embeds").float() if "pooled_text_embeds" in names else None
+            return TextConditions(handle.get_tensor("text_embeds").float(), pooled)
 
     def _handle(self, chunk_id: int):
         handle = self._handles.get(chunk_id)
@@ -398,7 +424,8 @@ class CachedLoader:
         self.cache, self.config, self.batch_size = cache, loader_config, batch_size
         self.rank, self.world_size, self.epoch, self.seed = rank, world_size, epoch, seed
         self.resume_batches = resume_samples // batch_size
-        self.names = LATENT_NAMES + ((REFERENCE_NAME,) if with_reference and cache.has_reference_features else ())
+        self.names = LATENT_NAMES + cache.text_part_names
+        self.names += (REFERENCE_NAME,) if with_reference and cache.has_reference_features else ()
         self.skips = SkipCounter()  # nothing is decoded here: kept for the trainer's logs
         order = list(range(len(cache)))
         random.Random(f"cache-order/{seed}/{epoch}").shuffle(order)
@@ -440,7 +467,8 @@ def is_cached_batch(batch: Mapping[str, Any]) -> bool:
 def cached_step_inputs(batch: Mapping[str, Any], stage: int, device) -> StepInputs:
     """A cached batch -> :class:`StepInputs` with the batch's dropout applied (no encoder runs)."""
     drop_text, drop_reference = drop_masks(batch, stage)
-    text = select_text(batch["text_embeds"].to(device), batch["empty_text_embeds"].to(device), drop_text)
+    text = TextConditions(batch["text_embeds"], batch.get("pooled_text_embeds")).map(lambda t: t.to(device))
+    text = select_text(text, batch["empty_text_embeds"].map(lambda t: t.to(device)), drop_text)
     features = None
     if stage == 2:
         features = condition_reference(batch[REFERENCE_NAME].to(device), drop_reference)
@@ -450,8 +478,10 @@ def cached_step_inputs(batch: Mapping[str, Any], stage: int, device) -> StepInpu
         batch["masked_mean"].to(device),
         batch["masked_std"].to(device),
         batch["mask"].to(device),
-        text,
+        text.tokens,
         features,
+        text.pooled,
+        batch["time_ids"].to(device) if "time_ids" in batch else None,
     )
 
 

@@ -1,8 +1,10 @@
 """Load what a training run needs from local folders, with errors that say what to download.
 
-``model.pretrained`` is either a diffusers Stable-Diffusion-inpainting folder (``vae/``, ``unet/``,
-``text_encoder/``, ``tokenizer/``, ``scheduler/``) or a DreamPainter pipeline folder (the same plus
-``reference_encoder/`` and ``reference_adapter/``), e.g. the output of stage 1 or of the demo.
+``model.pretrained`` is either a diffusers inpainting folder (``vae/``, ``unet/``, ``scheduler/`` and the
+backbone's text components: ``text_encoder/`` + ``tokenizer/`` for SD 1.x/2.x, and ``text_encoder_2/`` +
+``tokenizer_2/`` too for SDXL) or a DreamPainter pipeline folder (the same plus ``reference_encoder/`` and
+``reference_adapter/``), e.g. the output of stage 1 or of the demo. The backbone is detected from
+``unet/config.json`` (``dreampainter.models.backbones``).
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+import transformers
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from dreampainter.errors import InvalidInputError, MissingFileError, require_file
 from dreampainter.models import (
@@ -21,6 +25,7 @@ from dreampainter.models import (
     install_reference_adapter,
     load_adapter,
 )
+from dreampainter.models.backbones import Backbone, backbone_for_folder, backbone_for_unet
 from dreampainter.training.config import EncoderBackend, TrainConfig
 
 SD_HINT = (
@@ -40,6 +45,22 @@ class TrainingComponents:
     noise_scheduler: DDPMScheduler
     scheduler_folder: Path  # the inference scheduler saved with the output pipeline
     reference_encoder: ReferenceEncoder | None
+    text_encoder_2: CLIPTextModelWithProjection | None = None  # SDXL's second text encoder
+    tokenizer_2: CLIPTokenizer | None = None
+    backbone_name: str | None = None  # set by load_components (the UNet may be dropped, e.g. when caching)
+
+    @property
+    def backbone(self) -> Backbone:
+        if self.unet is not None:
+            return backbone_for_unet(self.unet)
+        from dreampainter.models.backbones import backbone_named
+
+        return backbone_named(self.backbone_name or "sd")
+
+    def frozen_encoders(self) -> list[torch.nn.Module]:
+        """The frozen modules that encode the inputs: VAE, text encoder(s), reference encoder (those present)."""
+        modules = (self.vae, self.text_encoder, self.text_encoder_2, self.reference_encoder)
+        return [module for module in modules if module is not None]
 
 
 def _require_component(folder: Path, name: str, filename: str) -> Path:
@@ -88,6 +109,23 @@ def attach_adapter(config: TrainConfig, unet: UNet2DConditionModel, encoder: Ref
         raise InvalidInputError(f"model.adapter.init_from: {source} is neither an adapter folder nor a .bin/.safetensors file")
 
 
+def _load_text_components(folder: Path, backbone: Backbone) -> dict:
+    """The backbone's tokenizers and text encoders from their subfolders, named as in the pipeline."""
+    loaded = {}
+    hint = f"{backbone.download_hint} and set model.pretrained to its folder"
+    for tokenizer_name, encoder_name, encoder_class in backbone.text_components:
+        encoder_folder = folder / encoder_name
+        require_file(encoder_folder / "config.json", f"model.pretrained component '{encoder_name}' (config.json)", hint)
+        loaded[encoder_name] = getattr(transformers, encoder_class).from_pretrained(str(encoder_folder))
+        tokenizer_folder = folder / tokenizer_name
+        if not tokenizer_folder.is_dir():
+            raise MissingFileError(
+                f"model.pretrained component '{tokenizer_name}' not found: {tokenizer_folder} ({hint})"
+            )
+        loaded[tokenizer_name] = CLIPTokenizer.from_pretrained(str(tokenizer_folder))
+    return loaded
+
+
 def load_components(config: TrainConfig) -> TrainingComponents:
     if not config.model.pretrained:
         raise InvalidInputError(f"config model.pretrained is not set ({SD_HINT})")
@@ -95,16 +133,13 @@ def load_components(config: TrainConfig) -> TrainingComponents:
     if not folder.is_dir():
         raise MissingFileError(f"model.pretrained folder not found: {folder} ({SD_HINT})")
     vae = AutoencoderKL.from_pretrained(str(_require_component(folder, "vae", "config.json")))
-    unet = UNet2DConditionModel.from_pretrained(str(_require_component(folder, "unet", "config.json")))
+    backbone = backbone_for_folder(_require_component(folder, "unet", "config.json").parent)
+    unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"))
     if unet.config.in_channels != 9:
         raise InvalidInputError(
             f"{folder / 'unet'}: an inpainting UNet has 9 input channels, this one has {unet.config.in_channels}"
         )
-    text_encoder = CLIPTextModel.from_pretrained(str(_require_component(folder, "text_encoder", "config.json")))
-    tokenizer_folder = folder / "tokenizer"
-    if not tokenizer_folder.is_dir():
-        raise MissingFileError(f"model.pretrained component 'tokenizer' not found: {tokenizer_folder} ({SD_HINT})")
-    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_folder))
+    text = _load_text_components(folder, backbone)
     scheduler_folder = _require_component(folder, "scheduler", "scheduler_config.json")
     noise_scheduler = DDPMScheduler.from_pretrained(str(scheduler_folder))
     encoder = None
@@ -112,4 +147,7 @@ def load_components(config: TrainConfig) -> TrainingComponents:
         encoder = load_reference_encoder(config, folder)
     if config.run.stage == 2:
         attach_adapter(config, unet, encoder, folder)
-    return TrainingComponents(vae, text_encoder, tokenizer, unet, noise_scheduler, scheduler_folder, encoder)
+    return TrainingComponents(
+        vae, text["text_encoder"], text["tokenizer"], unet, noise_scheduler, scheduler_folder, encoder,
+        text_encoder_2=text.get("text_encoder_2"), tokenizer_2=text.get("tokenizer_2"), backbone_name=backbone.name,
+    )  # fmt: skip

@@ -10,25 +10,31 @@ from __future__ import annotations
 import torch
 
 from dreampainter.models import reference_features
+from dreampainter.models.backbones import TextConditions
 from dreampainter.training.cache import cached_step_inputs, is_cached_batch
 from dreampainter.training.components import TrainingComponents
 from dreampainter.training.step import (
     StepInputs,
+    batch_time_ids,
     condition_reference,
     drop_masks,
     encode_latent_distribution,
-    encode_prompts,
+    encode_text,
     latent_mask,
     select_text,
 )
 
 
 def prepare_inputs(
-    batch: dict, parts: TrainingComponents | None, empty_embeds: torch.Tensor | None, stage: int, device
+    batch: dict,
+    parts: TrainingComponents | None,
+    empty_embeds: TextConditions | torch.Tensor | None,
+    stage: int,
+    device,
 ) -> StepInputs:
-    """Pixels -> latent distributions, latent-size mask, text embeddings, reference features.
+    """Pixels -> latent distributions, latent-size mask, text conditions, reference features.
 
-    ``empty_embeds`` is the empty prompt's embedding (used where the text is dropped). A cached batch
+    ``empty_embeds`` is what a dropped prompt becomes (``step.empty_text``). A cached batch
     (``data.cache``) needs neither ``parts`` nor ``empty_embeds``: it carries its own.
     """
     if is_cached_batch(batch):  # data.cache: everything but the UNet was computed by cache-latents
@@ -36,7 +42,9 @@ def prepare_inputs(
     latent_mean, latent_std = encode_latent_distribution(parts.vae, batch["pixel_values"].to(device))
     masked_mean, masked_std = encode_latent_distribution(parts.vae, batch["masked_pixel_values"].to(device))
     drop_text, drop_reference = drop_masks(batch, stage)
-    text = select_text(encode_prompts(parts.tokenizer, parts.text_encoder, list(batch["prompt"])), empty_embeds, drop_text)
+    text = select_text(encode_text(parts, batch["prompt"]), empty_embeds, drop_text)
+    latent_size = tuple(latent_mean.shape[-2:])
+    time_ids = batch_time_ids(parts, batch, latent_size, batch["pixel_values"].shape[-1] // latent_size[-1])
     features = None
     if stage == 2:
         with torch.no_grad():
@@ -49,7 +57,9 @@ def prepare_inputs(
         latent_std.float(),
         masked_mean.float(),
         masked_std.float(),
-        latent_mask(batch["mask"].to(device), tuple(latent_mean.shape[-2:])),
-        text,
+        latent_mask(batch["mask"].to(device), latent_size),
+        text.tokens,
         features,
+        text.pooled,
+        None if time_ids is None else time_ids.to(device),
     )

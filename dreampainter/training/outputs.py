@@ -40,6 +40,8 @@ def build_pipeline(parts: TrainingComponents, unet):
         unet=unet,
         scheduler=_inference_scheduler(parts.scheduler_folder),
         reference_encoder=encoder,
+        text_encoder_2=parts.text_encoder_2,
+        tokenizer_2=parts.tokenizer_2,
     )
 
 
@@ -74,7 +76,7 @@ def _restore_frozen_precision(config: TrainConfig, parts: TrainingComponents, un
     for speed; the saved pipeline must hold the originals, not rounded copies. Reload them from
     ``model.pretrained`` in float32: the encoders whole, and every frozen half-precision UNet parameter by name
     (LoRA's wrapped ``base_layer`` included), before any LoRA is fused."""
-    if not any(_is_half(m) for m in (parts.vae, parts.text_encoder, parts.reference_encoder, unet)):
+    if not any(_is_half(m) for m in (*parts.frozen_encoders(), unet)):
         return parts
     from dataclasses import replace
 
@@ -90,7 +92,8 @@ def _restore_frozen_precision(config: TrainConfig, parts: TrainingComponents, un
             if weights[key].shape == param.shape:
                 param.data = weights[key].to(device=param.device, dtype=torch.float32)
     return replace(
-        parts, vae=original.vae, text_encoder=original.text_encoder, reference_encoder=original.reference_encoder
+        parts, vae=original.vae, text_encoder=original.text_encoder, text_encoder_2=original.text_encoder_2,
+        reference_encoder=original.reference_encoder,
     )
 
 

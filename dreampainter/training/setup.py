@@ -119,9 +119,8 @@ def mark_trainable(config: TrainConfig, parts: TrainingComponents) -> list[torch
     Stage 1: the whole UNet (``full``) or LoRA layers added here (``lora``). Stage 2: the reference
     adapter (projection + every ``to_k_ref`` / ``to_v_ref``), plus LoRA layers when asked.
     """
-    for module in (parts.vae, parts.text_encoder, parts.reference_encoder):
-        if module is not None:
-            module.requires_grad_(False)
+    for module in parts.frozen_encoders():
+        module.requires_grad_(False)
     unet = parts.unet
     mode = unet_training_mode(config)
     unet.requires_grad_(mode == "full")
@@ -152,9 +151,8 @@ def place_components(
 ) -> torch.nn.Module:
     """Frozen encoders to ``device`` in ``weight_dtype`` (eval mode); the UNet to ``device`` with its frozen
     weights cast (trainable ones stay fp32) and gradient checkpointing as configured. Returns the UNet."""
-    for module in (parts.vae, parts.text_encoder, parts.reference_encoder):
-        if module is not None:
-            module.to(device=device, dtype=weight_dtype).eval()
+    for module in parts.frozen_encoders():
+        module.to(device=device, dtype=weight_dtype).eval()
     unet = parts.unet.to(device)
     cast_frozen_unet(unet, weight_dtype)
     if config.train.gradient_checkpointing:

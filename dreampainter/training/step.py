@@ -15,6 +15,7 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
 from dreampainter.models.adapter import drop_references
+from dreampainter.models.backbones import TextConditions
 
 
 @dataclass
@@ -28,6 +29,12 @@ class StepInputs:
     mask: torch.Tensor  # (B, 1, h, w), 1 = repaint
     text_embeds: torch.Tensor  # (B, L, D), the empty prompt's where text is dropped
     reference_features: torch.Tensor | None  # zero rows where the reference is dropped; None in stage 1
+    pooled_text_embeds: torch.Tensor | None = None  # (B, P) SDXL's pooled text embedding
+    time_ids: torch.Tensor | None = None  # (B, 6) SDXL's micro-conditioning
+
+    @property
+    def text(self) -> TextConditions:
+        return TextConditions(self.text_embeds, self.pooled_text_embeds, self.time_ids)
 
 
 def _randn(shape, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
@@ -49,18 +56,37 @@ def latent_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
-    """CLIP text tokens (B, 77, D), padded to the tokenizer's max length as SD does."""
-    ids = tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
-    return text_encoder(ids.to(text_encoder.device))[0]
+def encode_text(parts, prompts: list[str]) -> TextConditions:
+    """The prompts' text conditions as the pipeline makes them (the backbone's encoders: SD's CLIP tokens;
+    SDXL's two encoders' tokens and pooled embedding), on the text encoder's device."""
+    return parts.backbone.encode_text(parts, list(prompts), parts.text_encoder.device)
 
 
-def select_text(text_embeds: torch.Tensor, empty_embeds: torch.Tensor, drop_text: torch.Tensor) -> torch.Tensor:
-    """Replace rows where ``drop_text`` by the empty prompt's embedding (classifier-free dropout)."""
-    drop = drop_text.to(device=text_embeds.device, dtype=torch.bool).view(-1, 1, 1)
-    return torch.where(drop, empty_embeds.to(text_embeds.dtype).expand_as(text_embeds), text_embeds)
+@torch.no_grad()
+def empty_text(parts) -> TextConditions:
+    """What a dropped prompt becomes: the empty prompt's conditions, or zeros where the backbone's pipeline
+    uses zeros for "no prompt" (SDXL's ``force_zeros_for_empty_prompt``)."""
+    empty = encode_text(parts, [""])
+    return empty.map(torch.zeros_like) if parts.backbone.zeros_for_empty_prompt else empty
+
+
+def select_text(
+    text: torch.Tensor | TextConditions, empty: torch.Tensor | TextConditions, drop_text: torch.Tensor
+) -> TextConditions:
+    """Replace rows where ``drop_text`` by the empty prompt's conditions (classifier-free dropout)."""
+    text = text if isinstance(text, TextConditions) else TextConditions(text)
+    empty = empty if isinstance(empty, TextConditions) else TextConditions(empty)
+    return text.where(drop_text, empty)
+
+
+def batch_time_ids(parts, batch: dict, latent_size: tuple[int, int], vae_factor: int) -> torch.Tensor | None:
+    """SDXL's micro-conditioning for a loader batch: each photo's original size and crop (from the loader),
+    the training size as the target; ``None`` for backbones without it."""
+    target = (latent_size[0] * vae_factor, latent_size[1] * vae_factor)
+    rows = len(batch["prompt"]) if "prompt" in batch else batch["mask"].shape[0]
+    originals = [tuple(map(int, s)) for s in batch["original_size"]] if "original_size" in batch else [target] * rows
+    crops = [tuple(map(int, c)) for c in batch["crop_top_left"]] if "crop_top_left" in batch else None
+    return parts.backbone.time_ids(parts.unet, originals, target, crops)
 
 
 def drop_masks(batch: dict, stage: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,8 +134,11 @@ def diffusion_loss(
     model_input = torch.cat([noisy, inputs.mask.to(noisy.dtype), masked], dim=1)
     dtype = dtype or model_input.dtype
     kwargs = {}
+    added = {name: value.to(dtype) for name, value in inputs.text.added_cond_kwargs().items()}
     if inputs.reference_features is not None:
-        kwargs["added_cond_kwargs"] = {"image_embeds": inputs.reference_features}
+        added["image_embeds"] = inputs.reference_features
+    if added:
+        kwargs["added_cond_kwargs"] = added
     prediction = unet(
         model_input.to(dtype), timesteps, encoder_hidden_states=inputs.text_embeds.to(dtype), **kwargs
     ).sample

@@ -43,7 +43,7 @@ from dreampainter.training.setup import (
     mark_trainable,
     place_components,
 )
-from dreampainter.training.step import diffusion_loss, encode_prompts
+from dreampainter.training.step import diffusion_loss, empty_text
 from dreampainter.training.update import TrainingStoppedError, train_step
 from dreampainter.training.validation import Validator
 from dreampainter.utils import atomic_write_json, mixed_precision_dtype
@@ -113,7 +113,7 @@ def train(config: TrainConfig) -> TrainResult:
     input_dtype = weight_dtype if accelerator.distributed_type == DistributedType.DEEPSPEED else None
     trainable = mark_trainable(config, parts)
     unet = place_components(config, parts, device, weight_dtype)
-    empty_embeds = encode_prompts(parts.tokenizer, parts.text_encoder, [""])
+    empty_embeds = empty_text(parts)
     optimizer = build_optimizer(config, trainable, device)
     lr_scheduler = build_lr_scheduler(config, optimizer, accelerator.num_processes)
     ema = build_ema(config, trainable, device)

@@ -218,6 +218,9 @@ def process_sample(
         "drop_reference": p_text <= draw < p_text + p_ref or both,
         "key": item.key,
         "category": category if isinstance(category, str) else "",
+        # SDXL's micro-conditioning: the photo's size (height, width) and the crop's top-left in the resized photo
+        "original_size": (item.photo_header.size[1], item.photo_header.size[0]),
+        "crop_top_left": (max(plan.offset[1], 0), max(plan.offset[0], 0)),
     }
 
 
@@ -235,4 +238,6 @@ def collate(
         batch[name] = [s[name] for s in samples]
     for name in ("drop_text", "drop_reference"):
         batch[name] = torch.tensor([bool(s[name]) for s in samples], dtype=torch.bool)
+    for name in ("original_size", "crop_top_left"):
+        batch[name] = torch.tensor([s[name] for s in samples], dtype=torch.long)
     return batch
