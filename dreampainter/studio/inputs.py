@@ -16,7 +16,6 @@ from PIL import Image
 from dreampainter.data.decode import DEFAULT_MAX_PIXELS
 from dreampainter.errors import InvalidInputError
 from dreampainter.pipelines.image_processing import (
-    PRODUCT_THRESHOLD,
     ProductInput,
     place_cutout,
     prepare_product_input,
@@ -215,37 +214,41 @@ def place_product(product: ProductInput, placement: Placement, limits: Limits) -
     )
 
 
-# The mask as the editor shows it: this colour, at this alpha, over the photo.
-MASK_COLOUR = (255, 64, 160)
-MASK_ALPHA = 160
+# The editor shows the photo with the product tinted in PRODUCT_COLOUR (at MASK_ALPHA); its brush paints
+# PRODUCT_COLOUR to add to the product and BACKGROUND_COLOUR to take away from it.
+PRODUCT_COLOUR = (255, 64, 160)
+BACKGROUND_COLOUR = (40, 120, 255)
+MASK_ALPHA = 140
 
 
-def mask_layer(product_mask: np.ndarray) -> Image.Image:
-    """An RGBA layer marking the product (``MASK_COLOUR`` at ``MASK_ALPHA``), transparent elsewhere."""
-    layer = np.zeros((*product_mask.shape, 4), np.uint8)
-    layer[..., :3] = MASK_COLOUR
-    layer[..., 3] = np.where(product_mask >= PRODUCT_THRESHOLD, MASK_ALPHA, 0)
-    return Image.fromarray(layer, "RGBA")
+def hex_colour(colour: tuple[int, int, int]) -> str:
+    return "#{:02x}{:02x}{:02x}".format(*colour)
 
 
 def mask_overlay(product: ProductInput) -> Image.Image:
-    """The photo with the product mask shown over it (for previews)."""
-    layer = mask_layer(product.product_mask)
-    return Image.alpha_composite(product.image.convert("RGBA"), layer).convert("RGB")
+    """The photo with the product mask shown over it (tinted in ``PRODUCT_COLOUR``), RGB."""
+    layer = np.zeros((*product.product_mask.shape, 4), np.uint8)
+    layer[..., :3] = PRODUCT_COLOUR
+    layer[..., 3] = (product.product_mask.astype(np.uint16) * MASK_ALPHA // 255).astype(np.uint8)
+    return Image.alpha_composite(product.image.convert("RGBA"), Image.fromarray(layer, "RGBA")).convert("RGB")
 
 
-def apply_mask_edits(product_mask: np.ndarray, layer: np.ndarray | None) -> np.ndarray:
-    """The mask after the user's brush / eraser edits on the editor's mask layer (HxWx4, any size).
+def apply_mask_edits(product_mask: np.ndarray, strokes: np.ndarray | None) -> np.ndarray:
+    """The mask after the user's brush strokes (an HxWx4 layer, any size; ``None``: no edits).
 
-    Pixels the layer still marks as before keep their exact (possibly soft) mask value; pixels painted
-    become 255, erased ones 0. ``None`` or an empty layer (nothing drawn, or the layer lost) means no edits.
+    Pixels painted (alpha >= 128) nearer ``PRODUCT_COLOUR`` become product (255), nearer
+    ``BACKGROUND_COLOUR`` background (0); unpainted pixels keep their exact (possibly soft) value.
     """
-    if layer is None or layer.ndim != 3 or layer.shape[-1] != 4 or not layer[..., 3].any():
+    if strokes is None or strokes.ndim != 3 or strokes.shape[-1] != 4 or not strokes[..., 3].any():
         return product_mask
-    alpha = layer[..., 3]
-    if alpha.shape != product_mask.shape:
-        resized = Image.fromarray(alpha).resize(product_mask.shape[::-1], Image.Resampling.NEAREST)
-        alpha = np.asarray(resized)
-    painted = alpha >= MASK_ALPHA // 2
-    was_product = product_mask >= PRODUCT_THRESHOLD
-    return np.where(painted == was_product, product_mask, np.where(painted, 255, 0)).astype(np.uint8)
+    if strokes.shape[:2] != product_mask.shape:
+        resized = Image.fromarray(strokes, "RGBA").resize(product_mask.shape[::-1], Image.Resampling.NEAREST)
+        strokes = np.asarray(resized)
+    painted = strokes[..., 3] >= 128
+    rgb = strokes[..., :3].astype(np.int32)
+    to_product = ((rgb - PRODUCT_COLOUR) ** 2).sum(-1)
+    to_background = ((rgb - BACKGROUND_COLOUR) ** 2).sum(-1)
+    edited = product_mask.copy()
+    edited[painted & (to_product <= to_background)] = 255
+    edited[painted & (to_background < to_product)] = 0
+    return edited
