@@ -177,38 +177,38 @@ class StudioService:
         request: StudioRequest,
         progress: ProgressCallback | None = None,
     ) -> list[StudioResult]:
-        """Every image of a request, in order: per run (reference), ``num_images`` seeds ``seed, seed+1, ...``."""
+        """Every image of a request, in order: per run (reference), ``num_images`` seeds ``seed, seed+1, ...``,
+        one pipeline call each (so that a result's own settings make it again exactly)."""
         if not request.prompt.strip() and not references:
             raise InvalidInputError("prompt: write a prompt or upload a reference image")
         runs = self.runs(request, references)
-        total = len(runs) * request.num_inference_steps
+        total = len(runs) * request.num_images * request.num_inference_steps
         kwargs = request.pipeline_kwargs()
         kwargs["reference_scale"] = self.reference_scale(request)
         results = []
         with self.lock:
-            for run, index in enumerate(runs):
+            calls = [(index, request.seed + k) for index in runs for k in range(request.num_images)]
+            for call, (index, seed) in enumerate(calls):
                 name, reference = references[index] if index is not None else (None, None)
-                what = name or "no reference"
-                done = run * request.num_inference_steps
+                what = f"{name or 'no reference'}, seed {seed}"
+                done = call * request.num_inference_steps
 
                 def on_step(pipe, step, timestep, tensors, done=done, what=what):
                     if progress is not None:
                         progress(done + step + 1, total, what)
                     return {}
 
-                seeds = [request.seed + k for k in range(request.num_images)]
+                # One image per call: each result is then exactly what its own settings make alone.
                 output = self.pipe(
                     prompt=request.prompt,
                     image=product.image,
                     product_mask=product.product_mask,
                     reference_image=reference,
-                    generator=[torch.Generator(self.device).manual_seed(seed) for seed in seeds],
-                    num_images_per_prompt=request.num_images,
+                    generator=torch.Generator(self.device).manual_seed(seed),
                     callback_on_step_end=on_step,
                     **kwargs,
                 )
-                for seed, image in zip(seeds, output.images):
-                    results.append(self._result(image, request, seed, index, name))
+                results.append(self._result(output.images[0], request, seed, index, name))
         return results
 
     def reference_scale(self, request: StudioRequest) -> float | dict | None:
