@@ -142,16 +142,36 @@ def build_app(service: StudioService, defaults: StudioRequest | None = None) -> 
                     label="Mask (white = product)", file_types=["image"], visible=False, elem_id="mask-file"
                 )
                 with gr.Accordion("Placement", open=True):
-                    canvas = gr.Radio(list(CANVAS_CHOICES), value=placement.canvas, label="Canvas")
+                    canvas = gr.Radio(
+                        list(CANVAS_CHOICES), value=placement.canvas, label="Canvas", elem_id="canvas"
+                    )
                     long_side = gr.Number(placement.long_side, label="Canvas long side (px)", precision=0)
                     with gr.Row():
                         width = gr.Number(placement.width, label="Custom width", precision=0)
                         height = gr.Number(placement.height, label="Custom height", precision=0)
-                    scale = gr.Slider(0.05, 1.0, placement.scale, step=0.01, label="Product scale")
+                    scale = gr.Slider(
+                        0.05, 1.0, placement.scale, step=0.01, label="Product scale", elem_id="scale"
+                    )
                     with gr.Row():
-                        pos_x = gr.Slider(0.0, 1.0, placement.position[0], step=0.01, label="Position x")
-                        pos_y = gr.Slider(0.0, 1.0, placement.position[1], step=0.01, label="Position y")
-                    margin = gr.Slider(0.0, 0.45, placement.margin, step=0.01, label="Margin")
+                        pos_x = gr.Slider(
+                            0.0,
+                            1.0,
+                            placement.position[0],
+                            step=0.01,
+                            label="Position x",
+                            elem_id="position-x",
+                        )
+                        pos_y = gr.Slider(
+                            0.0,
+                            1.0,
+                            placement.position[1],
+                            step=0.01,
+                            label="Position y",
+                            elem_id="position-y",
+                        )
+                    margin = gr.Slider(
+                        0.0, 0.45, placement.margin, step=0.01, label="Margin", elem_id="margin"
+                    )
                 editor = gr.ImageEditor(
                     label="Product mask (tinted) over the photo: paint pink to add, blue to remove, then apply",
                     type="numpy",
