@@ -33,11 +33,10 @@ CHROMIUM_ARGS = [
 ]  # fmt: skip
 WAIT_MS = 60_000
 
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None,
-    reason="no chromium on PATH (`make setup` installs Debian's chromium when run as root; "
-    "or: apt-get install chromium)",
-)
+NO_CHROMIUM = "no chromium on PATH (`make setup` installs Debian's chromium when run as root; or: apt-get install chromium)"
+if CHROMIUM is None and os.environ.get("DREAMPAINTER_REQUIRE_BROWSER"):  # CI (.ci/run): never skip silently
+    raise RuntimeError(NO_CHROMIUM)
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)
 
 
 def _free_port() -> int:
