@@ -6,6 +6,7 @@ The screenshot of the page with a result is saved as ``tests/artifacts/studio.pn
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +38,6 @@ WAIT_MS = 60_000
 NO_CHROMIUM = "no chromium on PATH (`make setup` installs Debian's chromium when run as root; or: apt-get install chromium)"
 if CHROMIUM is None and os.environ.get("DREAMPAINTER_REQUIRE_BROWSER"):  # CI (.ci/run): never skip silently
     raise RuntimeError(NO_CHROMIUM)
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)
 
 
 def _free_port() -> int:
@@ -111,6 +112,8 @@ def server(files):
 
 @pytest.fixture(scope="module")
 def browser():
+    if CHROMIUM is None:
+        pytest.skip(NO_CHROMIUM)
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield chromium
@@ -201,3 +204,48 @@ def test_mask_brush_strokes_change_the_mask(page, files):
     expect(_status(page)).to_contain_text("Mask edits applied")
     changed = int(_status(page).inner_text().split("applied: ")[1].split()[0])
     assert changed > 20
+
+
+def _call(server, api_name: str, data: list) -> str:
+    """One call of a page event over gradio's HTTP API; the event stream it answers."""
+    request = urllib.request.Request(
+        f"{server.url}gradio_api/call/{api_name}",
+        data=json.dumps({"data": data}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        event_id = json.loads(response.read())["event_id"]
+    with urllib.request.urlopen(f"{server.url}gradio_api/call/{api_name}/{event_id}", timeout=30) as response:
+        return response.read().decode()
+
+
+def _upload(server, path: Path) -> str:
+    """Upload a file as the page does; the server-side path gradio gives it."""
+    boundary = "----studio-test-boundary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{path.name}"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + path.read_bytes()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    request = urllib.request.Request(
+        f"{server.url}gradio_api/upload",
+        data=body,
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())[0]
+
+
+def test_the_server_refuses_server_file_paths(server, files):
+    """A request naming a file on the server (not an upload) is refused before the studio opens it;
+    the same file uploaded works."""
+    placement = ["1:1", 64, 512, 512, 0.6, 0.5, 0.5, 0.05]
+    on_server = {"path": str(files / "cutout.png"), "meta": {"_type": "gradio.FileData"}}
+    stream = _call(server, "preview", ["cutout", on_server, None, *placement])
+    assert "event: error" in stream and "Product ready" not in stream, stream
+    uploaded = {"path": _upload(server, files / "cutout.png"), "meta": {"_type": "gradio.FileData"}}
+    assert "Product ready: 64x64 canvas" in _call(server, "preview", ["cutout", uploaded, None, *placement])
+    assert server.process.poll() is None
