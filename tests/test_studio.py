@@ -219,3 +219,15 @@ def test_studio_command_refuses_a_missing_pipeline_in_one_line(tmp_path, capsys)
 
     assert main(["studio", "--pipeline", str(tmp_path / "nope"), "--device", "cpu"]) == 2
     assert "pipeline folder (model_index.json) not found" in capsys.readouterr().err
+
+
+def test_runs_per_reference_and_one_text_only_run_to_compare(service, files):
+    references = load_references([files / "ref.png", files / "ref.png"], Limits())
+    runs = service.runs
+    assert runs(StudioRequest(prompt="x"), []) == [None]
+    assert runs(StudioRequest(prompt="x", reference_index=1), references) == [1]
+    assert runs(StudioRequest(prompt="x", reference_mode="each"), references) == [0, 1]
+    assert runs(StudioRequest(prompt="x", reference_mode="each", compare_without_reference=True), references) == [
+        0, 1, None,
+    ]  # fmt: skip
+    assert runs(StudioRequest(prompt="x", compare_without_reference=True), []) == [None]

@@ -166,9 +166,7 @@ class StudioService:
             )
         else:
             chosen = [request.reference_index]
-        if request.compare_without_reference:
-            chosen = [run for index in chosen for run in (index, None)]
-        return chosen
+        return chosen + [None] if request.compare_without_reference else chosen  # one text-only run to compare
 
     def generate(
         self,
