@@ -231,3 +231,12 @@ def test_runs_per_reference_and_one_text_only_run_to_compare(service, files):
         0, 1, None,
     ]  # fmt: skip
     assert runs(StudioRequest(prompt="x", compare_without_reference=True), []) == [None]
+
+
+def test_a_chinese_prompt_generates_and_is_kept_in_the_settings(service, files):
+    limits = Limits()
+    product = load_product("photo_mask", files / "photo.png", files / "mask.png", limits)
+    (result,) = service.generate(
+        product, [], StudioRequest(prompt="大理石桌面，柔和的光", num_inference_steps=1)
+    )
+    assert result.settings["prompt"] == "大理石桌面，柔和的光" and result.image.size == (44, 30)

@@ -138,7 +138,8 @@ def _status(page):
 
 def test_generate_download_exact_product_after_an_error(page, server, files, tmp_path):
     """A broken upload shows its one-line error in the page; then cut-out + reference + placement +
-    prompt -> a result whose downloaded PNG has the canvas size and the product's exact pixels."""
+    prompt (+ the comparison without reference) -> results; the selected one's downloaded PNG has the
+    canvas size and the product's exact pixels."""
     page.locator("#product-file input[type=file]").set_input_files(files / "broken.png")
     expect(_status(page)).to_contain_text("Error: product: not a decodable image")
     assert "Traceback" not in page.content()
@@ -152,9 +153,13 @@ def test_generate_download_exact_product_after_an_error(page, server, files, tmp
     page.locator("#scale input[type=number]").press("Enter")
     page.locator("#reference-files input[type=file]").set_input_files([files / "reference.png"])
     page.locator("#prompt textarea").fill("a marble table, soft light")
+    page.get_by_label("Compare with / without reference").check()
     page.locator("#generate").click()
-    expect(_status(page)).to_contain_text("Generated 1 image(s)")
+    expect(_status(page)).to_contain_text("Generated 2 image(s)")
+    expect(page.locator("#settings")).to_contain_text('"reference": "reference.png"')
     expect(page.locator("#settings")).to_contain_text('"scale": 0.8')  # the placement used is the one set
+    page.locator("#results .thumbnail-item").nth(1).click()  # the text-only comparison
+    expect(page.locator("#settings")).to_contain_text('"reference": null')
 
     with page.expect_download() as download:
         page.locator("#download").click()
