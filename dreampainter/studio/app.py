@@ -1,7 +1,8 @@
 """The studio's page (Gradio Blocks) over a :class:`StudioService`; ``launch`` serves it.
 
-The page only wires controls to ``inputs`` / ``service``: product upload -> mask shown over the photo in
-an editor (brush to add, eraser to remove) -> placement preview -> conditions -> a gallery of results
+The page only wires controls to ``inputs`` / ``service``: product upload -> placement preview with the mask
+tinted over the photo in an editor (paint pink to add, blue to remove; the eraser removes strokes; "Apply mask
+edits", or Generate, applies them) -> conditions -> a gallery of results
 with their settings, a full-size PNG download and "use these settings". Errors are one line in the
 page's status box (and a toast); the server keeps serving.
 """
