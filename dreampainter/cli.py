@@ -14,7 +14,7 @@ from dreampainter.errors import DreamPainterError
 from dreampainter.utils.logging import silence_known_noise
 
 # Modules under dreampainter.commands, in the order their commands are listed in --help.
-COMMAND_MODULES = ["demo", "data", "train", "cache", "generate", "evaluate", "compare", "assemble"]
+COMMAND_MODULES = ["demo", "data", "train", "cache", "generate", "evaluate", "compare", "assemble", "studio"]
 
 
 def build_parser() -> argparse.ArgumentParser:
