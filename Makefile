@@ -29,12 +29,12 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium not found and not root: the studio's browser test will skip (apt-get install chromium)"; fi
 
-setup: $(VENV)/.installed browser
+setup: $(VENV)/.installed
 
 demo: setup
 	$(BIN)/dreampainter demo
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q
 
 lint: setup
