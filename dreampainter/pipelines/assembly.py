@@ -1,6 +1,6 @@
 """Assemble DreamPainter's components from public weights, without the trainer.
 
-The parts: a Stable Diffusion **inpainting** base (a diffusers folder, or one original-layout
+The parts: a Stable Diffusion (1.x/2.x or SDXL) **inpainting** base (a diffusers folder, or one original-layout
 ``.safetensors`` / ``.ckpt`` file read through diffusers' ``from_single_file`` with the configs of a
 local diffusers folder), a CLIP vision encoder (an open_clip checkpoint file, or a transformers
 ``CLIPVisionModelWithProjection`` folder), an adapter (a public IP-Adapter file or one of our adapter
@@ -28,8 +28,14 @@ from dreampainter.models import (
     set_reference_scale,
 )
 from dreampainter.models.adapter_io import infer_ip_adapter_config, read_ip_adapter_file
+from dreampainter.models.backbones import Backbone, backbone_for_folder, backbone_for_unet
 
-BASE_COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+
+def base_components(backbone: Backbone) -> tuple[str, ...]:
+    """The component names of a base model of this backbone (SDXL: a second text encoder and tokenizer)."""
+    return ("vae", *backbone.component_names, "unet", "scheduler")
+
+BASE_COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")  # SD 1.x/2.x; SDXL adds its second pair
 LIBRARIES = ("diffusers", "transformers")  # what a base folder's model_index.json may name
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 INPAINTING_HINT = (
@@ -61,7 +67,7 @@ def _first_line(error: BaseException) -> str:
 
 
 def _load_base_folder(folder: Path) -> dict[str, Any]:
-    """The five base components from a diffusers folder, each with the class its ``model_index.json`` names."""
+    """The base components from a diffusers folder, each with the class its ``model_index.json`` names."""
     import importlib
 
     index_file = folder / "model_index.json"
@@ -72,10 +78,11 @@ def _load_base_folder(folder: Path) -> dict[str, Any]:
     except json.JSONDecodeError as error:
         raise InvalidInputError(f"{index_file}: invalid JSON ({error.msg})") from None
     parts = {}
-    for name in BASE_COMPONENTS:
+    wanted = base_components(backbone_for_folder(folder))
+    for name in wanted:
         entry = index.get(name)
         if not entry or entry[0] is None:
-            raise CheckpointMismatchError(f"{index_file}: no '{name}' component; a Stable Diffusion inpainting folder has {BASE_COMPONENTS}")
+            raise CheckpointMismatchError(f"{index_file}: no '{name}' component; this inpainting folder needs {wanted}")
         if not (folder / name).is_dir():
             raise MissingFileError(f"--base: {folder / name} is missing (download the whole '{name}/' folder)")
         library, class_name = entry
@@ -108,7 +115,7 @@ def _conv_in_channels(path: Path) -> int | None:
 
 def _load_base_single_file(path: Path, base_config: str | os.PathLike | None) -> dict[str, Any]:
     """The base components from one original-layout checkpoint, with the configs of a local diffusers folder."""
-    from diffusers import StableDiffusionInpaintPipeline
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
 
     if path.suffix not in SINGLE_FILE_SUFFIXES:
         raise InvalidInputError(f"--base: {path} is neither a diffusers folder nor a .safetensors / .ckpt file")
@@ -122,25 +129,32 @@ def _load_base_single_file(path: Path, base_config: str | os.PathLike | None) ->
         raise CheckpointMismatchError(
             f"--base: {path} has a {channels}-channel UNet, not an inpainting UNet (9 channels); {INPAINTING_HINT}"
         )
+    backbone = backbone_for_folder(config_folder)
     try:
-        pipe = StableDiffusionInpaintPipeline.from_single_file(
-            str(path),
-            config=str(config_folder),
-            local_files_only=True,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        if backbone.name == "sdxl":
+            pipe = StableDiffusionXLInpaintPipeline.from_single_file(
+                str(path), config=str(config_folder), local_files_only=True
+            )
+        else:
+            pipe = StableDiffusionInpaintPipeline.from_single_file(
+                str(path),
+                config=str(config_folder),
+                local_files_only=True,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
     except Exception as error:  # noqa: BLE001 - diffusers raises many kinds for foreign or corrupt files
         raise CheckpointMismatchError(
             f"--base: cannot load {path} as a Stable Diffusion inpainting checkpoint with the configs of "
             f"{config_folder} ({_first_line(error)})"
         ) from None
-    return {name: getattr(pipe, name) for name in BASE_COMPONENTS}
+    return {name: getattr(pipe, name) for name in base_components(backbone)}
 
 
 def load_base(base: str | os.PathLike, base_config: str | os.PathLike | None = None) -> dict[str, Any]:
-    """``vae``, ``text_encoder``, ``tokenizer``, ``unet``, ``scheduler`` of a local SD inpainting model."""
+    """``vae``, ``text_encoder``, ``tokenizer``, ``unet``, ``scheduler`` (SDXL: and ``text_encoder_2``,
+    ``tokenizer_2``) of a local SD or SDXL inpainting model."""
     path = Path(base)
     if not path.exists():
         raise MissingFileError(
@@ -228,7 +242,7 @@ def apply_lora(parts: dict[str, Any], lora: LoraSpec) -> None:
     what ``UNet2DConditionModel.save_lora_adapter`` writes (our trainer's ``lora/`` folder: UNet keys
     without a prefix), and the other layouts diffusers' ``lora_state_dict`` converts (e.g. kohya).
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     path = Path(lora.path)
     if not path.exists():
@@ -245,19 +259,29 @@ def apply_lora(parts: dict[str, Any], lora: LoraSpec) -> None:
     if all(key.startswith(OUR_UNET_LORA_PREFIXES) for key in state):
         state = {f"unet.{key}": value for key, value in state.items()}
         metadata = {f"unet.{key}": value for key, value in metadata.items()} if metadata else metadata
-    helper = StableDiffusionPipeline(
-        **{name: parts[name] for name in BASE_COMPONENTS},
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    if parts.get("text_encoder_2") is not None:  # SDXL: diffusers' SDXL LoRA loader (text_encoder_2. keys too)
+        helper = StableDiffusionXLPipeline(**{name: parts[name] for name in base_components(backbone_for_unet(parts["unet"]))})
+    else:
+        helper = StableDiffusionPipeline(
+            **{name: parts[name] for name in BASE_COMPONENTS},
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    targets = [name for name in ("unet", "text_encoder", "text_encoder_2") if parts.get(name) is not None]
     try:
-        for name, load in (("unet", helper.load_lora_into_unet), ("text_encoder", helper.load_lora_into_text_encoder)):
-            if any(key.startswith(f"{name}.") for key in state):
-                load(state, alphas, parts[name], adapter_name=LORA_ADAPTER_NAME, metadata=metadata)
+        for name in targets:
+            if not any(key.startswith(f"{name}.") for key in state):
+                continue
+            if name == "unet":
+                helper.load_lora_into_unet(state, alphas, parts[name], adapter_name=LORA_ADAPTER_NAME, metadata=metadata)
+            else:
+                helper.load_lora_into_text_encoder(
+                    state, alphas, parts[name], prefix=name, adapter_name=LORA_ADAPTER_NAME, metadata=metadata
+                )
     except Exception as error:  # noqa: BLE001 - shape mismatches and foreign layouts
         raise CheckpointMismatchError(f"--lora: {weights} does not fit this UNet / text encoder ({_first_line(error)})") from None
-    loaded = [name for name in ("unet", "text_encoder") if LORA_ADAPTER_NAME in (getattr(parts[name], "peft_config", None) or {})]
+    loaded = [name for name in targets if LORA_ADAPTER_NAME in (getattr(parts[name], "peft_config", None) or {})]
     if not loaded:
         raise CheckpointMismatchError(f"--lora: {weights} has no weights for this UNet or text encoder")
     if lora.fuse:
@@ -282,7 +306,7 @@ def assemble_components(
 ) -> dict[str, Any]:
     """The keyword arguments of ``DreamPainterPipeline`` built from local public weights.
 
-    ``base``: a diffusers SD inpainting folder, or a single ``.safetensors`` / ``.ckpt`` file with
+    ``base``: a diffusers SD or SDXL inpainting folder, or a single ``.safetensors`` / ``.ckpt`` file with
     ``base_config`` (a local diffusers folder for the configs). ``reference_encoder`` and ``adapter``
     go together (neither gives a text-only pipeline): a transformers folder or an open_clip file (with
     ``open_clip_model``), and an IP-Adapter file or our adapter folder; the encoder must give the
