@@ -265,21 +265,28 @@ def test_a_failed_reference_system_leaves_the_paired_statistics_out_with_the_rea
     assert "Not computed: the reference system broken did not load" in (tmp_path / "out" / "comparison.md").read_text()
 
 
-def test_a_diffusers_system_with_dreampainters_weights_gives_dreampainters_results(setup, tmp_path):
-    """The text-only DreamPainter pipeline equals diffusers' inpainting pipeline (tests/test_pipeline.py), so
-    the two systems built from the same weights must agree: same seeds, masks, sizes and compositing."""
-    from diffusers import StableDiffusionInpaintPipeline
+@pytest.mark.parametrize("backbone", ["sd", "sdxl"])
+def test_a_diffusers_system_with_dreampainters_weights_gives_dreampainters_results(setup, tmp_path, backbone):
+    """The text-only DreamPainter pipeline equals diffusers' inpainting pipeline (tests/test_pipeline.py,
+    tests/test_sdxl_pipeline.py), so the two systems built from the same weights must agree: same seeds,
+    masks, sizes (SDXL: the same resolution bucket) and compositing."""
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
     from PIL import Image
 
     from dreampainter.evaluation.compare import load_compare_file, run_comparison
     from dreampainter.toy.pipeline import build_tiny_pipeline
 
-    pipe = build_tiny_pipeline(tmp_path / "tokenizer", reference=False, seed=2)
+    pipe = build_tiny_pipeline(tmp_path / "tokenizer", reference=False, seed=2, backbone=backbone)
     pipe.save_pretrained(tmp_path / "text_only")
-    components = {name: getattr(pipe, name) for name in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
-    StableDiffusionInpaintPipeline(
-        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    ).save_pretrained(tmp_path / "diffusers")
+    names = ["vae", "text_encoder", "tokenizer", "unet", "scheduler"]
+    if backbone == "sdxl":
+        components = {name: getattr(pipe, name) for name in [*names, "text_encoder_2", "tokenizer_2"]}
+        StableDiffusionXLInpaintPipeline(**components).save_pretrained(tmp_path / "diffusers")
+    else:
+        StableDiffusionInpaintPipeline(
+            **{name: getattr(pipe, name) for name in names}, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        ).save_pretrained(tmp_path / "diffusers")  # fmt: skip
 
     def change(systems):
         systems["systems"] = {
@@ -288,7 +295,8 @@ def test_a_diffusers_system_with_dreampainters_weights_gives_dreampainters_resul
         }
         systems["comparison"]["reference_system"] = "ours"
 
-    compare = load_compare_file(_systems_file(setup, tmp_path / "systems.yaml", change), ["benchmark.limit=4"])
+    overrides = ["benchmark.limit=4"] + (["benchmark.resolution=64"] if backbone == "sdxl" else [])  # a 64 px bucket
+    compare = load_compare_file(_systems_file(setup, tmp_path / "systems.yaml", change), overrides)
     out = tmp_path / "out"
     comparison = run_comparison(compare, setup / "toy" / "bench", out, progress=False)
     rows = _rows(comparison)

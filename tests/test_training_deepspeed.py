@@ -2,7 +2,7 @@
 
 DeepSpeed ZeRO-2 runs on the CPU (gloo, DeepSpeed's CPU accelerator): stage 2 with EMA and gradient
 accumulation, a resume from a copied checkpoint that ends bitwise-equal to the uninterrupted run, and
-stage 1 (full UNet) in bf16, whose saved UNet must be DeepSpeed's fp32 master weights. FSDP (sharded parameters) is not supported by the loop and must be refused at
+stage 1 (full UNet) of the SDXL backbone in bf16, whose saved UNet must be DeepSpeed's fp32 master weights. FSDP (sharded parameters) is not supported by the loop and must be refused at
 start-up; on the CPU accelerate would otherwise run it as plain DDP without a word.
 """
 
@@ -37,6 +37,12 @@ def _launch(launch_config, config_path, *overrides, check: bool = True):
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("sharded")
     return make_tiny_base(root), make_toy_shards(root / "toy", num=40)
+
+
+@pytest.fixture(scope="module")
+def sdxl_setup(tmp_path_factory, setup):
+    root = tmp_path_factory.mktemp("sharded_sdxl")
+    return make_tiny_base(root, backbone="sdxl"), setup[1]
 
 
 def _config(setup, tmp_path, name, **sections):
@@ -88,8 +94,10 @@ def test_deepspeed_zero2_stage2_resumes_exactly(setup, tmp_path):
 
 
 @needs_deepspeed
-def test_deepspeed_zero2_bf16_stage1_saves_the_fp32_master_weights(setup, tmp_path):
-    """Under DeepSpeed bf16 the module holds bf16 copies; the saved UNet must be DeepSpeed's fp32 masters."""
+def test_deepspeed_zero2_bf16_sdxl_stage1_saves_the_fp32_master_weights(sdxl_setup, tmp_path):
+    """Under DeepSpeed bf16 the module holds bf16 copies; the saved UNet must be DeepSpeed's fp32 masters.
+    On the SDXL backbone (two text encoders, pooled embeddings, micro-conditioning)."""
+    setup = sdxl_setup
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from dreampainter.pipelines import DreamPainterPipeline
@@ -102,7 +110,7 @@ def test_deepspeed_zero2_bf16_stage1_saves_the_fp32_master_weights(setup, tmp_pa
     summary = _summary(out)
     assert summary["num_processes"] == 2 and math.isfinite(summary["final_loss"])
     assert summary["rank_checksums"][0] == summary["rank_checksums"][1]
-    DreamPainterPipeline.from_pretrained(str(out / "pipeline"))
+    assert DreamPainterPipeline.from_pretrained(str(out / "pipeline")).backbone.name == "sdxl"
     saved = load_file(str(out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"))
     masters = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoint-2"), tag="pytorch_model")
     assert saved.keys() == masters.keys()

@@ -83,7 +83,7 @@ class EvaluationFile:
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # Pipeline components that hold weights (the tokenizer and scheduler only hold configs).
-WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder", "reference_encoder")
+WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "reference_encoder")
 
 
 def load_evaluation_file(

@@ -5,7 +5,7 @@ per-sample seeds, same product compositing), so every system goes through the sa
 | kind | what | reference |
 | --- | --- | --- |
 | ``dreampainter`` | a ``DreamPainterPipeline.save_pretrained`` folder, run by the runner as ``evaluate`` does | yes |
-| ``diffusers_inpaint`` | diffusers' ``StableDiffusionInpaintPipeline`` folder, text only | no |
+| ``diffusers_inpaint`` | diffusers' ``StableDiffusionInpaintPipeline`` (or SDXL's) folder, text only | no |
 | ``diffusers_ip_adapter`` | the same + a public IP-Adapter file (``load_ip_adapter``) and an image-encoder folder | yes |
 | ``reference_paste`` | the product pasted onto the reference resized to the photo (no model) | yes |
 | ``copy_input`` | the input photo itself (a sanity row) | no |
@@ -27,6 +27,7 @@ from dreampainter.errors import CheckpointMismatchError, InvalidInputError, requ
 from dreampainter.evaluation.bench_data import BenchSample
 from dreampainter.evaluation.bench_settings import BenchmarkSettings, check_pipeline_folder, load_pipeline
 from dreampainter.evaluation.runner import BenchmarkSystem, Generated, paste_products, sample_generators
+from dreampainter.models.backbones import backbone_for_folder, backbone_for_unet
 from dreampainter.pipelines.image_processing import inpainting_mask, processing_size
 from dreampainter.pipelines.settings import GenerationSettings
 from dreampainter.utils.config import Choice, ConfigValueError, as_choice, check_number
@@ -147,13 +148,17 @@ def load_system(
 
 
 def _load_diffusers_inpaint(folder: str, device: torch.device | str, dtype: torch.dtype | None) -> Any:
-    from diffusers import StableDiffusionInpaintPipeline
+    """diffusers' inpainting pipeline of the folder's backbone (SD 1.x/2.x or SDXL)."""
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
 
     kwargs = {} if dtype is None else {"dtype": dtype}
     try:
-        pipe = StableDiffusionInpaintPipeline.from_pretrained(
-            folder, safety_checker=None, requires_safety_checker=False, local_files_only=True, **kwargs
-        )
+        if backbone_for_folder(folder).name == "sdxl":
+            pipe = StableDiffusionXLInpaintPipeline.from_pretrained(folder, local_files_only=True, **kwargs)
+        else:
+            pipe = StableDiffusionInpaintPipeline.from_pretrained(
+                folder, safety_checker=None, requires_safety_checker=False, local_files_only=True, **kwargs
+            )
     except (OSError, ValueError, TypeError) as error:
         raise CheckpointMismatchError(
             f"{folder}: cannot load the diffusers inpainting pipeline ({error})".replace("\n", " ")
@@ -192,8 +197,10 @@ def _resize_to(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 class DiffusersInpaint(BenchmarkSystem):
-    """diffusers' ``StableDiffusionInpaintPipeline`` (text only): the repaint mask is the inverted product
-    mask, the output is resized back to the photo and the product pasted back as for DreamPainter."""
+    """diffusers' ``StableDiffusionInpaintPipeline`` or ``StableDiffusionXLInpaintPipeline`` (text only): the
+    repaint mask is the inverted product mask, the processing size the one DreamPainter's pipeline picks
+    (SDXL: the resolution bucket), full strength; the output is resized back to the photo and the product
+    pasted back as for DreamPainter."""
 
     uses_reference = False
 
@@ -208,13 +215,20 @@ class DiffusersInpaint(BenchmarkSystem):
     def generate(
         self, samples: list[BenchSample], references: list[Any] | None, settings: GenerationSettings
     ) -> Generated:
-        multiple = max(8, int(self.pipe.vae_scale_factor))
-        width, height = processing_size(*samples[0].photo.size, multiple, settings.resolution)
+        backbone = backbone_for_unet(self.pipe.unet)
+        if backbone.snaps_to_buckets:
+            width, height = backbone.bucket_size(*samples[0].photo.size, settings.resolution)
+        else:
+            multiple = max(8, int(self.pipe.vae_scale_factor))
+            width, height = processing_size(*samples[0].photo.size, multiple, settings.resolution)
         if any(s.photo.size != samples[0].photo.size for s in samples):
             raise InvalidInputError(
                 "a diffusers system generates one photo size per batch (the runner groups them)"
             )
         negative = None if settings.negative_prompt is None else [settings.negative_prompt] * len(samples)
+        size_conditioning = {}
+        if backbone.uses_pooled_text:  # SDXL: the photo's own size as the original size, as DreamPainter does
+            size_conditioning["original_size"] = samples[0].photo.size[::-1]
         output = self.pipe(
             prompt=[s.prompt for s in samples],
             image=[s.photo for s in samples],
@@ -225,7 +239,9 @@ class DiffusersInpaint(BenchmarkSystem):
             guidance_scale=settings.text_guidance_scale,
             negative_prompt=negative,
             generator=sample_generators(samples, settings.seed),
+            strength=1.0,  # SDXL's default is 0.9999 (a trace of the photo); DreamPainter always starts from noise
             output_type="np",
+            **size_conditioning,
             **self._extra(samples, references, settings),
         )
         raw = [_resize_to(image, s.photo.size) for image, s in zip(output.images, samples)]
