@@ -271,3 +271,29 @@ def test_missing_pipeline_and_conflicting_arguments(files, tmp_path, capsys):
     assert code == 2 and "cannot be combined with --image" in capsys.readouterr().err
     code = _generate(files, "--image", str(files / "photo.png"), "--out", str(tmp_path))
     assert code == 2 and "--prompt: required" in capsys.readouterr().err
+
+
+def test_sdxl_pipeline_takes_second_prompts_and_sd_refuses_them(files, tmp_path, capsys):
+    """On an SDXL pipeline --prompt-2 / --negative-prompt-2 reach the second text encoder (and change the
+    result); the JSONL form gives the same image; an SD pipeline refuses them in one line."""
+    build_tiny_pipeline(tmp_path / "tokenizer", backbone="sdxl").save_pretrained(tmp_path / "xl")
+    common = ["--pipeline", str(tmp_path / "xl"), "--steps", "2", "--resolution", "64", "--image",
+              str(files / "photo.png"), "--mask", str(files / "mask.png"), "--prompt", "a marble table"]  # fmt: skip
+    assert main(["generate", *common, "--out", str(tmp_path / "plain.png")]) == 0
+    second = ["--prompt-2", "a wooden floor", "--negative-prompt", "dark", "--negative-prompt-2", "blurry"]
+    assert main(["generate", *common, *second, "--out", str(tmp_path / "second.png")]) == 0
+    plain, with_second = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("plain", "second"))
+    assert plain.shape == (30, 44, 3) and not np.array_equal(plain, with_second)
+
+    job = {"image": str(files / "photo.png"), "mask": str(files / "mask.png"), "prompt": "a marble table",
+           "prompt_2": "a wooden floor", "negative_prompt": "dark", "negative_prompt_2": "blurry"}  # fmt: skip
+    (tmp_path / "jobs.jsonl").write_text(json.dumps(job) + "\n")
+    assert main(["generate", "--pipeline", str(tmp_path / "xl"), "--steps", "2", "--resolution", "64",
+                 "--batch", str(tmp_path / "jobs.jsonl"), "--out", str(tmp_path / "batch.png")]) == 0  # fmt: skip
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "batch.png")), with_second)
+
+    capsys.readouterr()
+    code = _generate(files, "--image", str(files / "photo.png"), "--mask", str(files / "mask.png"), "--prompt",
+                     "a", "--prompt-2", "b", "--out", str(tmp_path / "sd.png"))  # fmt: skip
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(error) == 1 and "prompt_2: only SDXL" in error[0]

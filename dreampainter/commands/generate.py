@@ -24,12 +24,16 @@ def register(subparsers) -> None:
     source.add_argument("--prompt", help="the background to paint")
     source.add_argument("--reference", help="background reference image (optional: text only without it)")
     source.add_argument("--negative-prompt", help="what to avoid")
+    source.add_argument("--prompt-2", help="SDXL: the second text encoder's prompt (default: --prompt)")
+    source.add_argument(
+        "--negative-prompt-2", help="SDXL: the second text encoder's negative prompt (default: --negative-prompt)"
+    )
     parser.add_argument(
         "--batch",
         help="JSONL file, one job a line: image, prompt, and optionally mask, reference, name, and any "
         "generation setting by its pipeline name (num_inference_steps, seed, text_guidance_scale, "
         "reference_guidance_scale, reference_guidance_interval, reference_guidance_every, reference_scale, "
-        "negative_prompt, resolution, feather_radius, "
+        "negative_prompt, prompt_2, negative_prompt_2, resolution, feather_radius, "
         "product_dilation, num, paste_product, max_pixels); the flags below are the defaults",
     )
     parser.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
@@ -102,6 +106,7 @@ SETTING_FLAGS = {
     "reference_guidance_interval": "--reference-guidance-interval",
     "reference_guidance_every": "--reference-guidance-every",
     "negative_prompt": "--negative-prompt",
+    "negative_prompt_2": "--negative-prompt-2",
     "num": "--num",
     "resolution": "--resolution",
     "feather_radius": "--feather",
@@ -126,6 +131,7 @@ def _settings(args: argparse.Namespace):
             reference_guidance_interval=args.reference_guidance_interval,
             reference_guidance_every=args.reference_guidance_every,
             negative_prompt=args.negative_prompt,
+            negative_prompt_2=args.negative_prompt_2,
             num=args.num,
             resolution=args.resolution,
             feather_radius=args.feather,
@@ -144,10 +150,12 @@ def _jobs(args: argparse.Namespace):
 
     settings = _settings(args)
     if args.batch:
-        given = [name for name in ("image", "mask", "prompt", "reference") if getattr(args, name) is not None]
+        given = [
+            name for name in ("image", "mask", "prompt", "prompt_2", "reference") if getattr(args, name) is not None
+        ]
         if given:
             raise InvalidInputError(
-                f"--batch: cannot be combined with --{', --'.join(given)} (put them in the JSONL)"
+                f"--batch: cannot be combined with --{', --'.join(n.replace('_', '-') for n in given)} (put them in the JSONL)"
             )
         jobs = read_jobs(args.batch, settings)
         if len(jobs) > 1 and args.out.lower().endswith((".png", ".jpg", ".jpeg", ".webp")):
@@ -159,7 +167,10 @@ def _jobs(args: argparse.Namespace):
         if getattr(args, name) is None:
             raise InvalidInputError(f"--{name}: required (or give --batch)")
     values = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
-    job = GenerationJob(image=args.image, mask=args.mask, prompt=args.prompt, reference=args.reference, **values)
+    job = GenerationJob(
+        image=args.image, mask=args.mask, prompt=args.prompt, prompt_2=args.prompt_2, reference=args.reference,
+        **values,
+    )  # fmt: skip
     return [job.validate()]
 
 
@@ -170,7 +181,24 @@ def run(args: argparse.Namespace) -> int:
     jobs = _jobs(args)
     device, dtype = device_and_dtype(args.device, args.dtype)
     check_job_inputs(jobs)
+    _check_backbone_options(args.pipeline, jobs)
     pipe = DreamPainterPipeline.from_pretrained(args.pipeline, torch_dtype=dtype).to(device)
     written = run_jobs(pipe, jobs, args.out, device)
     print(f"wrote {len(written)} files for {len(jobs)} job(s) under {args.out}")
     return 0
+
+
+def _check_backbone_options(folder: str, jobs) -> None:
+    """SDXL-only options on an SD pipeline fail before any weight is loaded (the folder's UNet config tells)."""
+    from pathlib import Path
+
+    from dreampainter.models.backbones import backbone_for_folder
+
+    if not (Path(folder) / "unet" / "config.json").is_file():
+        return  # from_pretrained names what is missing
+    backbone = backbone_for_folder(folder)
+    if backbone.uses_pooled_text:
+        return
+    for name in ("prompt_2", "negative_prompt_2"):
+        if any(getattr(job, name) is not None for job in jobs):
+            raise InvalidInputError(f"{name}: only SDXL pipelines take it; {folder} is {backbone.description}")

@@ -60,6 +60,7 @@ class GenerationJob(JobSettings):
 
     image: str
     prompt: str
+    prompt_2: str | None = None  # SDXL's second text encoder (default: prompt)
     mask: str | None = None
     reference: str | None = None
     name: str | None = None
@@ -144,6 +145,7 @@ def run_job(
     generator = torch.Generator(device=device).manual_seed(job.seed)
     output = pipe(
         prompt=job.prompt,
+        **({} if job.prompt_2 is None else {"prompt_2": job.prompt_2}),
         image=product.image,
         product_mask=product.product_mask,
         reference_image=reference,

@@ -41,6 +41,7 @@ class GenerationSettings:
     reference_guidance_interval: tuple[float, float] | None = None  # None: all steps
     reference_guidance_every: int = 1
     negative_prompt: str | None = None
+    negative_prompt_2: str | None = None  # SDXL's second text encoder (default: negative_prompt); SD: must be None
     seed: int = 0  # how each caller seeds its generators (per sample, per row) is its own
     resolution: int | None = None  # process at about resolution^2 pixels; None: the input size
     feather_radius: float = DEFAULT_FEATHER_RADIUS  # when pasting the product back
@@ -57,8 +58,10 @@ class GenerationSettings:
             raise ConfigValueError("reference_guidance_interval", str(error).split(": ", 1)[1]) from None
         self.reference_guidance_interval = interval
         check_int(self.reference_guidance_every, "reference_guidance_every", 1)
-        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
-            raise ConfigValueError("negative_prompt", f"must be a string or null, got {self.negative_prompt!r}")
+        for name in ("negative_prompt", "negative_prompt_2"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ConfigValueError(name, f"must be a string or null, got {value!r}")
         check_int(self.seed, "seed")
         check_int(self.resolution, "resolution", 1, optional=True)
         check_number(self.feather_radius, "feather_radius")
