@@ -220,6 +220,7 @@ SETTINGS = {
     "reference_guidance_interval": (0.0, 0.5),
     "reference_guidance_every": 2,
     "negative_prompt": "blurry",
+    "negative_prompt_2": "dark",
     "seed": 11,
     "resolution": 24,
     "feather_radius": 1.5,
