@@ -99,6 +99,29 @@ def test_train_step_skips_non_finite_losses_clips_and_stops(tmp_path, base):
     assert state.skipped_steps == 3 and state.global_step == 5  # the step counter is the loop's, not the step's
 
 
+def test_a_skipped_step_inside_an_accumulation_window_drops_the_windows_gradients(tmp_path, base):
+    """accelerate's wrapped zero_grad does nothing on accumulation steps; a NaN there must still drop the
+    gradients of the window's earlier micro-batches, so the next optimizer step sees only what follows."""
+    config = _config(tmp_path, base, train={"gradient_accumulation_steps": 3}, optim={"max_grad_norm": 0})
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=3)
+    model = torch.nn.Linear(2, 1, bias=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    trainable = list(model.parameters())
+    state = TrainState()
+
+    def compute_loss(batch: dict) -> torch.Tensor:
+        return model(torch.ones(1, 2)).sum() * batch["scale"]
+
+    before = trainable[0].detach().clone()
+    for scale in (5.0, float("nan"), 1.0):  # micro-batches 1-3 of one window; the 3rd steps the optimizer
+        train_step(accelerator, model, optimizer, scheduler, trainable, compute_loss, {"scale": scale}, state, config)
+    assert accelerator.sync_gradients
+    # only the last micro-batch's gradient (1 per weight, divided by the 3 accumulation steps) was applied
+    assert torch.allclose(before - trainable[0].detach(), torch.full_like(before, 1 / 3))
+
+
 class _RecordingAccelerator:
     is_local_main_process = False
 

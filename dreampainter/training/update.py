@@ -27,6 +27,16 @@ def all_finite(accelerator: Accelerator, loss: torch.Tensor) -> bool:
     return bool(accelerator.gather(finite).min() > 0)
 
 
+def drop_gradients(optimizer: torch.optim.Optimizer, trainable: list[torch.nn.Parameter]) -> None:
+    """Drop every accumulated gradient, also in the middle of an accumulation window (accelerate's wrapped
+    ``zero_grad`` does nothing there, which would keep the earlier micro-batches' gradients of a window
+    whose step is skipped). Under DeepSpeed the engine accumulates into its own buffers, which this does not
+    reach: there a skipped micro-batch inside a window still leaves the window's earlier ones."""
+    optimizer.zero_grad(set_to_none=True)
+    for param in trainable:
+        param.grad = None
+
+
 def train_step(
     accelerator: Accelerator,
     unet: torch.nn.Module,
@@ -41,15 +51,15 @@ def train_step(
     """One micro-batch: ``compute_loss(batch)``, then backward, clipping (on sync steps) and the optimizer and
     LR-scheduler steps, all inside ``accelerator.accumulate``.
 
-    Returns the loss, or ``None`` when it was not finite on some rank: then the gradients are dropped
-    and ``state.skipped_steps`` counted, and :class:`TrainingStoppedError` is raised after
+    Returns the loss, or ``None`` when it was not finite on some rank: then the gradients accumulated so
+    far in this window are dropped and ``state.skipped_steps`` counted, and :class:`TrainingStoppedError` is raised after
     ``train.max_consecutive_bad_steps`` such steps in a row. ``accelerator.sync_gradients`` tells
     whether an optimizer step completed.
     """
     with accelerator.accumulate(unet):
         loss = compute_loss(batch)
         if not all_finite(accelerator, loss):
-            optimizer.zero_grad(set_to_none=True)
+            drop_gradients(optimizer, trainable)
             state.skipped_steps += 1
             state.consecutive_bad_steps += 1
             if state.consecutive_bad_steps >= config.train.max_consecutive_bad_steps:
