@@ -63,7 +63,7 @@ def test_cached_batch_gives_the_uncached_step_inputs(bench, tmp_path):
     for name in ("latent_mean", "latent_std", "masked_mean", "masked_std", "mask", "text_embeds", "reference_features"):
         torch.testing.assert_close(getattr(ours, name), getattr(reference, name), msg=name)
     assert ours.reference_features.shape == (2, 17, shapes.vision["hidden_size"])  # resampler reads the tokens
-    torch.testing.assert_close(ours.text_embeds[1], step.empty_embeds[0])
+    torch.testing.assert_close(ours.text_embeds[1], step.empty_embeds.tokens[0])
     # Only the adapter trains: one step moves it and leaves the frozen UNet as it was.
     frozen = parts.unet.conv_in.weight.clone()
     before = [p.detach().clone() for p in trainable]
