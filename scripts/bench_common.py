@@ -104,7 +104,7 @@ SMALL_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, n
                     image_size=32, patch_size=8, projection_dim=24, hidden_act="gelu", layer_norm_eps=1e-5)
 SMALL_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   hidden_act="quick_gelu", projection_dim=32)
-SMALL_VAE = dict(block_out_channels=(32, 32, 64, 64), layers_per_block=2, latent_channels=4, sample_size=64)
+SMALL_VAE = dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=4, sample_size=64)
 
 
 def small_shapes() -> Shapes:
@@ -115,7 +115,7 @@ def small_shapes() -> Shapes:
         unet={**sd15_inpainting_unet_config(), "block_out_channels": (32, 64, 64, 64), "cross_attention_dim": 32,
               "sample_size": 8},
         vae=dict(SMALL_VAE), text=dict(SMALL_TEXT), vision=dict(SMALL_VISION), reference_size=32,
-        resampler=dict(resampler_heads=2, resampler_dim_head=16),
+        resampler=dict(resampler_heads=1, resampler_dim_head=64),  # diffusers reads dim_head 64 only
         default_resolution=64,
         description="small SD1.5-layout shapes",
     )
@@ -135,7 +135,7 @@ def small_sdxl_shapes() -> Shapes:
         text_2=dict(SMALL_TEXT, hidden_act="gelu"),
         vision=dict(SMALL_VISION),
         reference_size=32,
-        resampler=dict(resampler_dim=32, resampler_heads=2, resampler_dim_head=16),
+        resampler=dict(resampler_dim=32, resampler_heads=1, resampler_dim_head=64),
         default_resolution=64,
         backbone="sdxl",
         description="small SDXL-layout shapes",
