@@ -91,6 +91,33 @@ def test_a_failing_section_is_recorded_and_the_others_still_run(bench, tmp_path,
     assert not result["complete"] and "Not complete: sd15 train: failed: OutOfMemoryError" in result["markdown"]
 
 
+def test_training_out_of_memory_is_measured_again_with_gradient_checkpointing(bench, tmp_path, monkeypatch):
+    import bench_common
+
+    real = bench_common.time_variant
+
+    def needs_checkpointing(step, *args, **kwargs):
+        if not step.parts.unet.is_gradient_checkpointing:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB")
+        return real(step, *args, **kwargs)
+
+    monkeypatch.setattr(bench_common, "time_variant", needs_checkpointing)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path / "retry.json"
+        code = bench.main(["--tiny", "--device", "cpu", "--backbones", "sdxl", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    record = json.loads(out.read_text())["backbones"]["sdxl"]
+    train = record["train"]
+    assert record["sections"] == {"build": "ok", "train": "ok", "infer": "ok"}
+    assert train["gradient_checkpointing"] and _positive(train["variants"]["cached"]["samples_per_s"])
+    first = train["without_gradient_checkpointing"]["variants"]
+    assert all(run["error"].startswith("OutOfMemoryError") for entry in first.values() for run in entry["runs"])
+
+
 def test_section_time_limit_interrupts_and_the_budget_skips(bench):
     started = time.perf_counter()
     with pytest.raises(bench.SectionTimeout), bench.time_limit(0.2):
