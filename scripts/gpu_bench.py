@@ -249,7 +249,7 @@ def time_inference(runs: dict, unets: dict, *, warmup: int, repeats: int, device
     import torch
 
     cuda = device.type == "cuda"
-    entries = record.setdefault("runs", {name: {"seconds": [], "peak_allocated_gib": []} for name in runs})
+    entries = record.setdefault("runs", {name: {"seconds": [], "peak_allocated_gib_runs": []} for name in runs})
     names = list(runs)
 
     def call(name: str, timed: bool) -> None:
@@ -270,7 +270,7 @@ def time_inference(runs: dict, unets: dict, *, warmup: int, repeats: int, device
         if timed:
             entry["seconds"].append(seconds)
             if cuda:
-                entry["peak_allocated_gib"].append(torch.cuda.max_memory_allocated(device) / 2**30)
+                entry["peak_allocated_gib_runs"].append(torch.cuda.max_memory_allocated(device) / 2**30)
             print(f"  {name:22s} {seconds:8.3f} s/image  ({len(seen)} UNet calls x {sorted(set(seen))} rows)",
                   flush=True)
         else:
@@ -297,7 +297,8 @@ def summarise_inference(record: dict) -> None:
     for entry in runs.values():
         if entry["seconds"]:
             entry["s_per_image"] = statistics.median(entry["seconds"])
-            entry["peak_gib"] = max(entry["peak_allocated_gib"]) if entry["peak_allocated_gib"] else None
+            peaks = entry["peak_allocated_gib_runs"]
+            entry["peak_allocated_gib"] = max(peaks) if peaks else None
     ratios = {}
     base = runs.get("diffusers_ip_adapter", {}).get("seconds", [])
     for name in ("ours_two_branch", "ours_dual"):

@@ -62,6 +62,7 @@ def test_tiny_cpu_run_reports_every_measurement_of_both_backbones(tmp_path):
             entry = infer["runs"][run_name]
             assert _positive(entry["s_per_image"]) and len(entry["seconds"]) == 1, (name, run_name)
             assert entry["unet_calls"] == 1 and entry["unet_rows_per_call"] == [rows], (name, run_name)
+            assert entry["peak_allocated_gib"] is None  # CUDA only
         assert set(infer["ratios"]) == {"ours_two_branch/diffusers_ip_adapter", "ours_dual/diffusers_ip_adapter"}
         assert all(_positive(ratio) for ratio in infer["ratios"].values())
     table = result["markdown"]
