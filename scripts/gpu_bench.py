@@ -534,7 +534,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--train-warmup", type=int, default=None, help="untimed steps per run (default 2; 0 --tiny)")
     parser.add_argument("--train-repeats", type=int, default=None, help="runs per variant (default 2; 1 --tiny)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--infer-dtype", choices=DTYPES, default=None, help="default fp16 (fp32 on the CPU)")
+    parser.add_argument("--infer-dtype", choices=DTYPES, default="fp16", help="every component (default fp16)")
     parser.add_argument("--infer-resolution", type=int, default=None, help="pixels (default native: 512 / 1024)")
     parser.add_argument("--infer-steps", type=int, default=None, help="denoising steps (default 30; 1 --tiny)")
     parser.add_argument("--infer-warmup", type=int, default=None, help="untimed calls each (default 1; 0 --tiny)")
@@ -550,8 +550,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, (small, full) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, small if tiny else full)
-    if args.infer_dtype is None:
-        args.infer_dtype = "fp32" if args.device == "cpu" else "fp16"  # CPU float16 kernels are slow or missing
     for name in ("train_steps", "train_repeats", "infer_steps", "infer_repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

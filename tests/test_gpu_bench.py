@@ -58,6 +58,7 @@ def test_tiny_cpu_run_reports_every_measurement_of_both_backbones(tmp_path):
         assert _positive(train["cached_over_uncached"])
         infer = record["infer"]
         assert infer["steps"] == 1 and infer["resolution"] == 64 and infer["branches_as_expected"]
+        assert infer["dtype"] == "fp16"  # as on the GPU (SDXL's VAE upcast included)
         for run_name, rows in zip(RUNS, (2, 3, 2)):
             entry = infer["runs"][run_name]
             assert _positive(entry["s_per_image"]) and len(entry["seconds"]) == 1, (name, run_name)
@@ -66,7 +67,7 @@ def test_tiny_cpu_run_reports_every_measurement_of_both_backbones(tmp_path):
         assert set(infer["ratios"]) == {"ours_two_branch/diffusers_ip_adapter", "ours_dual/diffusers_ip_adapter"}
         assert all(_positive(ratio) for ratio in infer["ratios"].values())
     table = result["markdown"]
-    assert "| sd15 | 2 x 64 | bf16 |" in table and "| sdxl | 64 | 1 | fp32 |" in table
+    assert "| sd15 | 2 x 64 | bf16 |" in table and "| sdxl | 64 | 1 | fp16 |" in table
     assert table in done.stdout and "Not complete" not in table
 
 
