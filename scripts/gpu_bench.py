@@ -161,7 +161,7 @@ def diffusers_unet_sharing(unet, config: dict):
     left = [name for name, tensor in [*theirs.named_parameters(), *theirs.named_buffers()] if tensor.is_meta]
     if left:
         raise RuntimeError(f"diffusers UNet: tensors not assigned: {left[:5]}")
-    return theirs.eval()
+    return theirs.requires_grad_(False).eval()
 
 
 def build_pipelines(shapes: Shapes, parts, dtype, device, folder: Path):
