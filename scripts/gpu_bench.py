@@ -374,6 +374,7 @@ def bench_backbone(name: str, args, device, clock: Clock, record: dict, save) ->
         state["step"] = step
         batch = make_batch(batch_size, train_resolution, shapes.reference_size)
         batches = {"uncached": batch, "cached": make_cached_batch(batch, parts, device, step.empty_embeds)}
+
         def run() -> set[str]:
             return run_variants(
                 record["train"], step, batches, batch_size=batch_size, warmup=args.train_warmup,
