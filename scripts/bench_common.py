@@ -25,6 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runs from a bare checkout too (a GPU machine without the package installed)
     sys.path.insert(0, str(ROOT))
 
+# The real encoders' configs: CLIP-L text, OpenCLIP bigG text, ViT-H-14 vision (h94/IP-Adapter
+# models/image_encoder; both backbones' Plus adapters use it), the SD / SDXL VAE layout.
+from dreampainter.models.unet_configs import BIGG_TEXT, CLIP_L_TEXT, SD_VAE  # noqa: E402
+from dreampainter.models.unet_configs import VIT_H14_VISION as VIT_H14  # noqa: E402
+
 VARIANTS = ("cached", "uncached")
 DTYPES = ("bf16", "fp16", "fp32")
 CLIP_VOCAB_SIZE = 49408
@@ -62,14 +67,6 @@ class Shapes:
     description: str = ""
 
 
-# h94/IP-Adapter models/image_encoder: OpenCLIP ViT-H-14 as a CLIPVisionModelWithProjection (both backbones'
-# Plus adapters use it).
-VIT_H14 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
-               image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu", layer_norm_eps=1e-5)
-CLIP_L_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                   hidden_act="quick_gelu", projection_dim=768)
-SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512)
-
 
 def sd15_shapes() -> Shapes:
     from dreampainter.models.unet_configs import sd15_inpainting_unet_config
@@ -89,8 +86,7 @@ def sdxl_shapes() -> Shapes:
         unet=sdxl_inpainting_unet_config(),
         vae=dict(SD_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True),
         text=dict(CLIP_L_TEXT),
-        text_2=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                    hidden_act="gelu", projection_dim=1280),
+        text_2=dict(BIGG_TEXT),
         vision=dict(VIT_H14),
         reference_size=224,
         resampler=dict(resampler_dim=1280, resampler_heads=20, resampler_dim_head=64),

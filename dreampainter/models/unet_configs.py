@@ -1,6 +1,8 @@
-"""Configs of the real UNets the adapter is built for, to build them with random weights.
+"""Configs of the real models (the UNets the adapter is built for, and the frozen encoders around them), to
+build them with random weights.
 
-Used for parameter counts (on the meta device), shape tests and benchmarks without downloading weights.
+Used for parameter counts (on the meta device), shape tests, memory estimates and benchmarks without
+downloading weights.
 """
 
 from __future__ import annotations
@@ -41,3 +43,15 @@ def sdxl_inpainting_unet_config() -> dict:
         addition_time_embed_dim=256,
         projection_class_embeddings_input_dim=2816,
     )
+
+
+# The frozen encoders: CLIP ViT-L/14 text (SD, and SDXL's first), OpenCLIP ViT-bigG/14 text with projection
+# (SDXL's second), ViT-H/14 vision with projection (h94/IP-Adapter's image encoder), the SD / SDXL VAE layout.
+CLIP_VOCAB = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+CLIP_L_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                   hidden_act="quick_gelu", projection_dim=768)  # fmt: skip
+BIGG_TEXT = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                 hidden_act="gelu", projection_dim=1280)  # fmt: skip
+VIT_H14_VISION = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                      image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu", layer_norm_eps=1e-5)  # fmt: skip
+SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512)

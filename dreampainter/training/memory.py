@@ -17,21 +17,12 @@ from typing import Any
 import torch
 
 from dreampainter.models.adapter import adapter_parameters, install_reference_adapter
+from dreampainter.models.unet_configs import BIGG_TEXT, CLIP_L_TEXT, CLIP_VOCAB, SD_VAE, VIT_H14_VISION
 from dreampainter.training.config import TrainConfig, UnetTraining, unet_training_mode
 
 GIB = 1024**3
 BYTES = {"no": 4, "fp16": 2, "bf16": 2}
-CLIP_VOCAB = dict(vocab_size=49408, max_position_embeddings=77)
-# The frozen encoders' real configs: CLIP ViT-L/14 text (SD, and SDXL's first), OpenCLIP ViT-bigG/14 text with
-# projection (SDXL's second), ViT-H/14 vision with projection (the IP-Adapter image encoder), the SD/SDXL VAE.
-CLIP_L_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, **CLIP_VOCAB)
-BIGG_TEXT = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                 projection_dim=1280, **CLIP_VOCAB)  # fmt: skip
-VIT_H_VISION = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
-                    image_size=224, patch_size=14, projection_dim=1024)  # fmt: skip
 VIT_H_FEATURES = {"global": 1024, "tokens": 1280}  # image_embeds width; penultimate token width
-SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)  # fmt: skip
 
 
 @dataclass
@@ -69,11 +60,14 @@ def frozen_encoder_parameters(backbone: str, stage: int) -> int:
     )
 
     with torch.device("meta"):
-        models = [CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT)), AutoencoderKL(**SD_VAE)]
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, **SD_VAE
+        )
+        models = [CLIPTextModel(CLIPTextConfig(**CLIP_VOCAB, **CLIP_L_TEXT)), vae]
         if backbone == "sdxl":
-            models.append(CLIPTextModelWithProjection(CLIPTextConfig(**BIGG_TEXT)))
+            models.append(CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_VOCAB, **BIGG_TEXT)))
         if stage == 2:
-            models.append(CLIPVisionModelWithProjection(CLIPVisionConfig(**VIT_H_VISION)))
+            models.append(CLIPVisionModelWithProjection(CLIPVisionConfig(**VIT_H14_VISION)))
     return sum(_count(model.parameters()) for model in models)
 
 
