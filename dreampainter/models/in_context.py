@@ -69,7 +69,11 @@ def has_in_context(unet: nn.Module) -> bool:
 
 def in_context_layers(unet: nn.Module) -> dict[str, Attention]:
     """Module name -> self-attention layer carrying the in-context hooks."""
-    return {name: attn for name, attn in self_attention_layers(_unwrap(unet)).items() if _in_context_hook in _pre_hooks(attn)}
+    return {
+        name: attn
+        for name, attn in self_attention_layers(_unwrap(unet)).items()
+        if _in_context_hook in _pre_hooks(attn)
+    }
 
 
 def install_in_context(unet: nn.Module, scale: float = 1.0) -> None:
@@ -107,7 +111,9 @@ def set_in_context_scale(unet: nn.Module, scale: float | dict[str, float]) -> No
     """One weight for every layer, or ``{module-name prefix: weight}`` (layers not named get 0)."""
     for name, attn in in_context_layers(unet).items():
         if isinstance(scale, dict):
-            attn.in_context_scale = next((float(v) for prefix, v in scale.items() if name.startswith(prefix)), 0.0)
+            attn.in_context_scale = next(
+                (float(v) for prefix, v in scale.items() if name.startswith(prefix)), 0.0
+            )
         else:
             attn.in_context_scale = float(scale)
 
@@ -115,7 +121,9 @@ def set_in_context_scale(unet: nn.Module, scale: float | dict[str, float]) -> No
 def reference_pass_input(reference_latents: torch.Tensor) -> torch.Tensor:
     """The 9-channel inpainting input of the reference pass: latents, mask all "keep" (0), latents again."""
     if reference_latents.ndim != 4:
-        raise InvalidInputError(f"reference_latents: expected (B, C, h, w), got shape {tuple(reference_latents.shape)}")
+        raise InvalidInputError(
+            f"reference_latents: expected (B, C, h, w), got shape {tuple(reference_latents.shape)}"
+        )
     keep = reference_latents.new_zeros((reference_latents.shape[0], 1, *reference_latents.shape[-2:]))
     return torch.cat([reference_latents, keep, reference_latents], dim=1)
 
@@ -165,8 +173,11 @@ def clear(unet: nn.Module) -> None:
 
 @contextlib.contextmanager
 def in_context_reference(
-    unet, reference_latents: torch.Tensor | None, rows: torch.Tensor | None = None,
-    dtype: torch.dtype | None = None, **unet_kwargs: Any,
+    unet,
+    reference_latents: torch.Tensor | None,
+    rows: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+    **unet_kwargs: Any,
 ) -> Iterator[None]:
     """Record ``reference_latents`` once, then let every UNet call inside append them (``rows``: the
     reference row of each batch row, -1 for none; default one each). ``None`` latents: nothing changes."""
@@ -200,7 +211,9 @@ def _pre_hooks(module: nn.Module) -> list:
 def _state(model: nn.Module) -> InContextState:
     state = getattr(model, _STATE, None)
     if not isinstance(state, InContextState):
-        raise InvalidInputError("this UNet has no in-context reference conditioning installed (reference_mode in_context or both)")
+        raise InvalidInputError(
+            "this UNet has no in-context reference conditioning installed (reference_mode in_context or both)"
+        )
     return state
 
 
@@ -218,14 +231,18 @@ def _in_context_hook(attn: Attention, args: tuple, kwargs: dict[str, Any]):
     if recorded is None or scale == 0:
         return None
     if hidden_states.ndim != 3:
-        raise InvalidInputError(f"in-context tokens: {type(attn).__name__} got (B, C, H, W) input; only token inputs are supported")
+        raise InvalidInputError(
+            f"in-context tokens: {type(attn).__name__} got (B, C, H, W) input; only token inputs are supported"
+        )
     rows = state.rows.to(hidden_states.device)
     if rows.shape[0] != hidden_states.shape[0]:
         raise InvalidInputError(
             f"in-context rows: {rows.shape[0]} given for a UNet call of {hidden_states.shape[0]} rows"
         )
     if kwargs.get("encoder_hidden_states") is not None or kwargs.get("attention_mask") is not None:
-        raise InvalidInputError("in-context tokens: this self-attention layer already gets other tokens or a mask")
+        raise InvalidInputError(
+            "in-context tokens: this self-attention layer already gets other tokens or a mask"
+        )
     reference = recorded[rows.clamp(min=0)].to(hidden_states.dtype)
     kwargs = dict(kwargs)
     kwargs["encoder_hidden_states"] = torch.cat([hidden_states, reference], dim=1)

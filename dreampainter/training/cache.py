@@ -10,7 +10,8 @@ stay **fixed** for every epoch of a cached run) and stores per sample what
 ``masked_mean`` / ``_std``  ... of the masked photo
 ``mask``                    the inpainting mask at latent size (1 = repaint)
 ``text_embeds``             the prompt's CLIP text tokens
-``reference_features``      what the adapter's projection consumes (stage 2 caches only)
+``reference_features``      what the adapter's projection consumes (stage 2, decoupled / both)
+``reference_latents``       the reference's VAE posterior mean (stage 2, in_context / both)
 =======================  ===============================================================
 
 plus, once, the empty prompt's text tokens. Latents are still *sampled* from the stored posterior
@@ -51,6 +52,7 @@ from dreampainter.data.loading.loader import LoaderConfig, SkipCounter, build_da
 from dreampainter.errors import InvalidInputError, MissingFileError
 from dreampainter.models import reference_features
 from dreampainter.training.config import TrainConfig
+from dreampainter.training.in_context import REFERENCE_LATENTS_NAME, cache_fields
 from dreampainter.training.step import (
     StepInputs,
     condition_reference,
@@ -128,7 +130,7 @@ def encode_batch(batch: Mapping[str, Any], parts, adapter_config, device) -> dic
         "mask": latent_mask(batch["mask"].to(device), tuple(latent_mean.shape[-2:])),
         "text_embeds": encode_prompts(parts.tokenizer, parts.text_encoder, list(batch["prompt"])).float(),
     }
-    if adapter_config is not None:
+    if adapter_config is not None and adapter_config.decoupled:
         output = parts.reference_encoder(batch["reference_pixel_values"].to(device))
         encoded[REFERENCE_NAME] = reference_features(output, adapter_config).float()
     return encoded
@@ -213,6 +215,7 @@ def cache_latents(
     with tqdm(desc=f"caching latents (rank {state.process_index})", unit="sample", disable=not progress) as bar:
         for batch in loader:
             encoded = encode_batch(batch, parts, adapter_config, device)
+            encoded.update(cache_fields(batch, parts, adapter_config, _cache_loader_config(config), device))
             for row, key in enumerate(batch["key"]):
                 writer.add(key, {name: tensor[row] for name, tensor in encoded.items()})
             count += len(batch["key"])
@@ -235,7 +238,8 @@ def cache_latents(
             "fingerprint": fingerprint,
             "weight_dtype": str(weight_dtype).removeprefix("torch."),
             "dtype": dtype,
-            "reference_feature_type": None if adapter_config is None else adapter_config.feature_type,
+            "reference_feature_type": None if adapter_config is None or not adapter_config.decoupled else adapter_config.feature_type,
+            "reference_latents": adapter_config is not None and adapter_config.in_context,
             "source": str(config.data.train),
             "seed": int(config.run.seed),
             "loader": dataclasses.asdict(_cache_loader_config(config)),
@@ -289,12 +293,19 @@ class LatentCache:
 
     def check_compatible(self, parts, stage: int) -> None:
         """Refuse a cache made with other components (or precision) than this run's, naming which."""
-        if stage == 2 and not self.has_reference_features:
+        adapter = parts.unet.reference_adapter_config if stage == 2 else None
+        if adapter is not None and adapter.in_context and not self.index.get("reference_latents"):
+            raise InvalidInputError(
+                f"data.cache {self.folder} has no reference latents (made for reference_mode decoupled or stage 1): "
+                "re-run cache-latents with this config"
+            )
+        decoupled = adapter is not None and adapter.decoupled
+        if decoupled and not self.has_reference_features:
             raise InvalidInputError(
                 f"data.cache {self.folder} has no reference features (made for stage 1): re-run cache-latents "
                 "with the stage-2 config"
             )
-        if stage == 2:
+        if decoupled:
             wanted = parts.unet.reference_adapter_config.feature_type
             if wanted != self.index["reference_feature_type"]:
                 raise InvalidInputError(
@@ -399,6 +410,8 @@ class CachedLoader:
         self.rank, self.world_size, self.epoch, self.seed = rank, world_size, epoch, seed
         self.resume_batches = resume_samples // batch_size
         self.names = LATENT_NAMES + ((REFERENCE_NAME,) if with_reference and cache.has_reference_features else ())
+        if with_reference and cache.index.get("reference_latents"):
+            self.names += (REFERENCE_LATENTS_NAME,)
         self.skips = SkipCounter()  # nothing is decoded here: kept for the trainer's logs
         order = list(range(len(cache)))
         random.Random(f"cache-order/{seed}/{epoch}").shuffle(order)
@@ -442,7 +455,7 @@ def cached_step_inputs(batch: Mapping[str, Any], stage: int, device) -> StepInpu
     drop_text, drop_reference = drop_masks(batch, stage)
     text = select_text(batch["text_embeds"].to(device), batch["empty_text_embeds"].to(device), drop_text)
     features = None
-    if stage == 2:
+    if stage == 2 and REFERENCE_NAME in batch:
         features = condition_reference(batch[REFERENCE_NAME].to(device), drop_reference)
     return StepInputs(
         batch["latent_mean"].to(device),

@@ -38,7 +38,7 @@ def prepare_inputs(
     drop_text, drop_reference = drop_masks(batch, stage)
     text = select_text(encode_prompts(parts.tokenizer, parts.text_encoder, list(batch["prompt"])), empty_embeds, drop_text)
     features = None
-    if stage == 2:
+    if stage == 2 and parts.unet.reference_adapter_config.decoupled:  # in_context: no CLIP features
         with torch.no_grad():
             encoded = parts.reference_encoder(batch["reference_pixel_values"].to(device))
         features = condition_reference(
