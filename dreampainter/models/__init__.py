@@ -1,7 +1,9 @@
 """The model core: reference encoder, projections, decoupled cross-attention, adapter install/save/load."""
 
 from dreampainter.models.adapter import (
+    REFERENCE_MODES,
     AdapterConfig,
+    ReferenceConditioning,
     adapter_parameter_names,
     adapter_parameters,
     adapter_state_dict,
@@ -30,6 +32,13 @@ from dreampainter.models.adapter_io import (
     save_adapter,
 )
 from dreampainter.models.attention import add_reference_branch, reference_attention_output
+from dreampainter.models.in_context import (
+    has_in_context,
+    in_context_reference,
+    record_reference,
+    reference_pass_input,
+    set_rows,
+)
 from dreampainter.models.projection import LinearProjection, ReferenceProjection, Resampler
 from dreampainter.models.reference_encoder import (
     ReferenceEncoder,
@@ -41,6 +50,8 @@ __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
     "AdapterConfig",
+    "REFERENCE_MODES",
+    "ReferenceConditioning",
     "LinearProjection",
     "ReferenceEncoder",
     "ReferenceEncoderOutput",
@@ -57,6 +68,11 @@ __all__ = [
     "drop_references",
     "export_ip_adapter",
     "get_adapter_config",
+    "has_in_context",
+    "in_context_reference",
+    "record_reference",
+    "reference_pass_input",
+    "set_rows",
     "has_reference_adapter",
     "import_ip_adapter",
     "install_reference_adapter",

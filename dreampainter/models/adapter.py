@@ -35,6 +35,13 @@ from dreampainter.models.attention import (
     remove_reference_branch,
 )
 from dreampainter.models.block_scales import expand_block_scales
+from dreampainter.models.in_context import (
+    has_in_context,
+    in_context_layers,
+    install_in_context,
+    remove_in_context,
+    set_in_context_scale,
+)
 from dreampainter.models.projection import LinearProjection, ReferenceProjection, Resampler
 from dreampainter.utils.config import Choice, check_int, coerce_choices, config_from_dict, config_to_dict
 
@@ -47,6 +54,17 @@ class Projection(Choice):
 
 
 PROJECTIONS = tuple(Projection.values())
+
+
+class ReferenceConditioning(Choice):
+    """How the reference enters the UNet (``reference_mode``)."""
+
+    decoupled = "decoupled"  # CLIP tokens through decoupled cross-attention (IP-Adapter)
+    in_context = "in_context"  # the reference's VAE latents appended to every self-attention (models/in_context.py)
+    both = "both"  # both together
+
+
+REFERENCE_MODES = tuple(ReferenceConditioning.values())
 
 
 @dataclass
@@ -71,11 +89,25 @@ class AdapterConfig:
     resampler_heads: int = 12
     resampler_dim_head: int = 64
     resampler_ff_mult: int = 4
+    reference_mode: ReferenceConditioning = ReferenceConditioning.decoupled
+    # in_context / both: the reference's side in pixels before the VAE (padded to a square); None: the target's
+    in_context_size: int | None = None
 
     def __post_init__(self) -> None:
         coerce_choices(self)
         for name in self.POSITIVE_FIELDS:
             check_int(getattr(self, name), name, 1)
+        check_int(self.in_context_size, "in_context_size", 1, optional=True)
+
+    @property
+    def decoupled(self) -> bool:
+        """Whether the CLIP tokens enter through decoupled cross-attention (modes ``decoupled`` and ``both``)."""
+        return self.reference_mode != ReferenceConditioning.in_context
+
+    @property
+    def in_context(self) -> bool:
+        """Whether the reference's VAE latents join the self-attention (modes ``in_context`` and ``both``)."""
+        return self.reference_mode != ReferenceConditioning.decoupled
 
     @property
     def feature_type(self) -> str:
@@ -146,6 +178,10 @@ def install_reference_adapter(unet: UNet2DConditionModel, config: AdapterConfig)
     """
     if has_reference_adapter(unet):
         raise InvalidInputError("a reference adapter is already installed in this UNet; remove it first")
+    if not config.decoupled:  # in_context: no new weights, the self-attention layers are hooked
+        install_in_context(unet, scale=config.scale)
+        unet.reference_adapter_config = config
+        return unet
     if unet.encoder_hid_proj is not None:
         raise InvalidInputError(
             f"this UNet already uses encoder_hid_proj ({unet.config.encoder_hid_dim_type}); "
@@ -160,6 +196,8 @@ def install_reference_adapter(unet: UNet2DConditionModel, config: AdapterConfig)
     unet.encoder_hid_proj = build_projection(config, _cross_attention_dim(unet)).to(device)
     # Attribute, not dict entry: save_pretrained keeps writing the plain UNet's config (diffusers does the same).
     unet.config.encoder_hid_dim_type = "ip_image_proj"
+    if config.in_context:
+        install_in_context(unet, scale=config.scale)
     unet.reference_adapter_config = config
     return unet
 
@@ -176,6 +214,8 @@ def remove_reference_adapter(unet: UNet2DConditionModel) -> UNet2DConditionModel
     """Undo :func:`install_reference_adapter`: the UNet computes exactly what it did before."""
     get_adapter_config(unet)
     _detach_adapter(unet)
+    if has_in_context(unet):
+        remove_in_context(unet)
     unet.reference_adapter_config = None
     return unet
 
@@ -195,7 +235,7 @@ def without_reference_adapter(unet: UNet2DConditionModel) -> Iterator[UNet2DCond
                 attn.add_module(module_name, module)
             attach_reference_hooks(attn)
         unet.encoder_hid_proj = projection
-        unet.config.encoder_hid_dim_type = "ip_image_proj"
+        unet.config.encoder_hid_dim_type = "ip_image_proj" if projection is not None else None
         unet.reference_adapter_config = config
 
 
@@ -215,7 +255,9 @@ def set_reference_scale(unet: UNet2DConditionModel, scale: float | dict) -> None
     "up": {"block_0": [0.0, 1.0, 0.0]}}``; layers not named get 0, as in diffusers.
     """
     layers = reference_layers(unet)
-    if not layers:
+    if has_in_context(unet):
+        set_in_context_scale(unet, scale if not isinstance(scale, dict) else expand_block_scales(unet, scale, default=0.0))
+    elif not layers:
         raise InvalidInputError("this UNet has no reference adapter installed (call install_reference_adapter)")
     if not isinstance(scale, dict):
         for attn in layers.values():
@@ -230,8 +272,13 @@ def set_reference_scale(unet: UNet2DConditionModel, scale: float | dict) -> None
 
 
 def check_adapter_complete(unet: nn.Module) -> None:
-    """Raise naming what is missing unless the projection and every layer's ``to_k_ref`` / ``to_v_ref`` are there."""
-    get_adapter_config(unet)
+    """Raise naming what is missing unless the projection and every layer's ``to_k_ref`` / ``to_v_ref`` are there
+    (decoupled modes) and every self-attention layer carries the in-context hooks (in-context modes)."""
+    config = get_adapter_config(unet)
+    if config.in_context and not in_context_layers(unet):
+        raise InvalidInputError("incomplete reference adapter: reference_mode needs the in-context hooks, none installed")
+    if not config.decoupled:
+        return
     if unet.encoder_hid_proj is None or not list(unet.encoder_hid_proj.parameters()):
         raise InvalidInputError("incomplete reference adapter: the projection (encoder_hid_proj) is missing")
     missing = [

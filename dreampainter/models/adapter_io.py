@@ -144,6 +144,10 @@ def _check_diffusers_compatible(config: AdapterConfig) -> None:
 def ip_adapter_state_dict(unet: UNet2DConditionModel, check_diffusers: bool = True) -> dict[str, torch.Tensor]:
     """The adapter as flat ``image_proj.*`` / ``ip_adapter.<n>.*`` tensors (IP-Adapter layout)."""
     config = get_adapter_config(unet)
+    if not config.decoupled:
+        raise InvalidInputError(
+            f"reference_mode {config.reference_mode}: no decoupled cross-attention, so no IP-Adapter layout"
+        )
     if check_diffusers:
         _check_diffusers_compatible(config)
     out = {}

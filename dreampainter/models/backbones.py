@@ -148,6 +148,13 @@ class Backbone:
         """The micro-conditioning per row (``None`` for backbones without it). Sizes are ``(height, width)``."""
         return None
 
+    def null_conditions(
+        self, unet: Any, rows: int, pixel_size: tuple[int, int], device: torch.device, dtype: torch.dtype
+    ) -> dict[str, torch.Tensor]:
+        """The UNet's extra inputs for a pass without a prompt (the in-context reference pass): none for SD;
+        for SDXL zero pooled embeddings and the pass's own size as micro-conditioning."""
+        return {}
+
     def buckets(self, resolution: int | None = None) -> list[tuple[int, int]]:
         """Resolution buckets ``(height, width)`` with area about ``resolution**2`` (default: native)."""
         return make_buckets(resolution or self.default_resolution, self.size_multiple, self.max_aspect)
@@ -244,6 +251,16 @@ class StableDiffusionXL(Backbone):
                 "text_encoder_2: SDXL needs a CLIPTextModelWithProjection as its second text encoder"
             )
         return TextConditions(torch.cat(hidden, dim=-1), pooled)
+
+    def null_conditions(self, unet, rows, pixel_size, device, dtype) -> dict[str, torch.Tensor]:
+        config = _unet_config(unet)
+        pooled_dim = _config_get(config, "projection_class_embeddings_input_dim") - 6 * _config_get(
+            config, "addition_time_embed_dim"
+        )
+        return {
+            "text_embeds": torch.zeros((rows, pooled_dim), device=device, dtype=dtype),
+            "time_ids": self.time_ids(unet, [pixel_size] * rows, pixel_size).to(device=device, dtype=dtype),
+        }
 
     def time_ids(self, unet, original_sizes, target_size, crops=None) -> torch.Tensor:
         crops = crops or [(0, 0)] * len(original_sizes)

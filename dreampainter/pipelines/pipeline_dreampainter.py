@@ -33,7 +33,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from dreampainter.errors import InvalidInputError, require_file
-from dreampainter.models import has_reference_adapter
+from dreampainter.models import has_reference_adapter, set_rows
 from dreampainter.models.backbones import Backbone, StableDiffusionXL, TextConditions, backbone_for_unet
 from dreampainter.pipelines import reference_support
 from dreampainter.pipelines.guidance import (
@@ -143,10 +143,19 @@ _TEXT_PARTS = {"prompt_embeds": "tokens", "add_text_embeds": "pooled", "add_time
 @dataclass
 class BranchConditions:
     """The UNet's conditions of each guidance branch (``text``: prompt rows, with SDXL's pooled embeddings and
-    time ids; ``image``: projection inputs, ``None`` without the adapter), laid out for a plan's branches."""
+    time ids; ``image``: projection inputs, ``None`` without the decoupled adapter; ``in_context``: the
+    recorded reference each row attends to, -1 for none, ``None`` without in-context conditioning), laid out
+    for a plan's branches at every step."""
 
     text: dict[str, TextConditions]
     image: dict[str, torch.Tensor] | None
+    in_context: dict[str, torch.Tensor] | None = None
+
+    def in_context_rows(self, plan: GuidancePlan) -> torch.Tensor | None:
+        """The in-context reference row of every row of one batched call over ``plan.branches``."""
+        if self.in_context is None:
+            return None
+        return torch.cat([self.in_context[branch] for branch in plan.branches])
 
     def available(self) -> set[str]:
         return set(self.text) & (set(self.image) if self.image is not None else set(self.text))
@@ -445,7 +454,7 @@ class DreamPainterPipeline(DiffusionPipeline):
         text = {TEXT: prompt_embeds, TEXT_REF: prompt_embeds}
         if negative_embeds is not None:
             text[UNCOND] = negative_embeds
-        if not self.has_reference_adapter:
+        if not reference_support.uses_decoupled(self.unet):
             return BranchConditions(text, None)
         no_reference = reference_support.zero_features(
             self.unet, prompt_embeds.rows, device, self.unet.dtype, like=reference_features
@@ -530,7 +539,8 @@ class DreamPainterPipeline(DiffusionPipeline):
                 _as_list(reference_image, "reference_image"), batch_size, "reference_image"
             )
             if any(reference is not None for reference in references) and (
-                self.reference_encoder is None or not self.has_reference_adapter
+                not self.has_reference_adapter
+                or (self.reference_encoder is None and reference_support.uses_decoupled(self.unet))
             ):
                 raise InvalidInputError(
                     "reference_image: this pipeline has no reference encoder and adapter; it can only generate from text"
@@ -1038,13 +1048,16 @@ class DreamPainterPipeline(DiffusionPipeline):
             target_size, negative_original_size, negative_crops_coords_top_left, negative_target_size,
         )  # fmt: skip
         features = None
-        if self.has_reference_adapter and TEXT_REF in plan.branches:
+        if reference_support.uses_decoupled(self.unet) and TEXT_REF in plan.branches:
             features = (
                 self.encode_reference(references, device, n)
                 if reference_image_embeds is None
                 else self._given_reference_features(reference_image_embeds, batch_size, n, device)
             )
         conditions = self.prepare_branch_conditions(prompt_embeds, negative_embeds, features, device)
+        reference_latents = self._prepare_in_context(
+            conditions, references, reference_image_embeds, plan, n, height, width, device, dtype
+        )
 
         # Latents: noise first, then the masked photos' latents (the order of diffusers' random draws).
         init_image, mask_condition, inpaint_masks = self._preprocess_products(
@@ -1059,7 +1072,10 @@ class DreamPainterPipeline(DiffusionPipeline):
         )
 
         self._num_timesteps = len(timesteps)
-        with reference_support.scale_for_call(self.unet, reference_scale):
+        with (
+            reference_support.scale_for_call(self.unet, reference_scale),
+            reference_support.in_context_for_call(self.unet, reference_latents, dtype),
+        ):
             latents = self._denoise(
                 latents, timesteps, mask_latents, masked_latents, conditions, has_reference,
                 self._extra_step_kwargs(generator, eta), callback_on_step_end, callback_on_step_end_tensor_inputs,
@@ -1135,6 +1151,32 @@ class DreamPainterPipeline(DiffusionPipeline):
             )
         return text, negative
 
+    def _prepare_in_context(
+        self, conditions: BranchConditions, references: list, reference_image_embeds, plan: GuidancePlan,
+        num_images_per_prompt: int, height: int, width: int, device: torch.device, dtype: torch.dtype,
+    ) -> torch.Tensor | None:
+        """In-context modes: the given references' VAE latents (one row per reference, for the reference
+        pass), and in ``conditions`` which of them each branch row attends to (``TEXT_REF`` rows only)."""
+        if not reference_support.uses_in_context(self.unet) or TEXT_REF not in plan.branches:
+            return None
+        present = [index for index, reference in enumerate(references) if reference is not None]
+        if not present:
+            if reference_image_embeds is not None:
+                raise InvalidInputError(
+                    "reference_image_embeds: in-context reference conditioning needs the reference_image itself"
+                )
+            return None
+        side = reference_support.in_context_side(self.unet, height, width, self.vae_scale_factor)
+        latents = reference_support.encode_reference_latents(
+            self.vae, [references[i] for i in present], side, device, dtype
+        )
+        slot = {index: row for row, index in enumerate(present)}
+        rows = torch.tensor([slot.get(index, -1) for index in range(len(references))], device=device)
+        rows = rows.repeat_interleave(num_images_per_prompt)
+        none = torch.full_like(rows, -1)
+        conditions.in_context = {UNCOND: none, TEXT: none, TEXT_REF: rows}
+        return latents
+
     def _given_reference_features(
         self, embeds: torch.Tensor, batch_size: int, num_images_per_prompt: int, device: torch.device
     ) -> torch.Tensor:
@@ -1199,6 +1241,8 @@ class DreamPainterPipeline(DiffusionPipeline):
                         step_plan, reuse = plan.without_text_branch(), reference_delta
                 repeat = step_plan.num_branches
                 encoder_hidden_states, added_cond_kwargs = conditions.for_plan(step_plan)
+                if conditions.in_context is not None:  # in-context modes: which rows attend to the reference
+                    set_rows(self.unet, conditions.in_context_rows(step_plan))
                 model_input = self.scheduler.scale_model_input(torch.cat([latents] * repeat), t)
                 model_input = torch.cat(
                     [model_input, mask_latents.repeat(repeat, 1, 1, 1), masked_latents.repeat(repeat, 1, 1, 1)],

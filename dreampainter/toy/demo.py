@@ -19,6 +19,7 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -92,6 +93,9 @@ class DemoReport:
     product_psnr: float  # inside the product, before compositing
     grid: str
     pipeline: str
+    # Object expansion (evaluation/expansion.py, the toy scene's known background as segmenter): the mean
+    # fraction of the image painted as product outside the product mask (results with reference and prompt).
+    object_expansion: float = float("nan")
 
     @staticmethod
     def verdict(ratio: float, wins: tuple[int, int]) -> str:
@@ -145,25 +149,44 @@ def _stage_overrides(settings: DemoSettings, pretrained: Path, data: Path, outpu
     ]
 
 
+def stage_config(
+    settings: DemoSettings, data: Path, output: Path, config_name: str, pretrained: Path, steps: int,
+    extra: Sequence[str] = (), cache: Path | None = None,
+):
+    """The demo's training config for one stage (``extra``: overrides for this stage only)."""
+    from dreampainter.training import load_config
+
+    overrides = [*_stage_overrides(settings, pretrained, data, output, steps), *extra]
+    return load_config(_config_path(config_name), [*overrides, *([f"data.cache={cache}"] if cache else [])])
+
+
+def train_stage(
+    settings: DemoSettings, out: Path, data: Path, name: str, config_name: str, pretrained: Path, steps: int,
+    extra: Sequence[str] = (),
+):
+    """Cache the latents of one stage into ``out/<name>_cache``, then train it into ``out/<name>``."""
+    from dreampainter.training import train
+    from dreampainter.training.cache import cache_latents
+
+    cache = out / f"{name}_cache"
+    if cache.exists():
+        shutil.rmtree(cache)
+    # Steps then run only the UNet (augmentation fixed at epoch 0's).
+    cache_latents(stage_config(settings, data, out / name, config_name, pretrained, steps, extra), cache)
+    return train(stage_config(settings, data, out / name, config_name, pretrained, steps, extra, cache))
+
+
 def run_demo(settings: DemoSettings) -> DemoReport:
     """Run every step of the demo and return (and save) its report."""
     from dreampainter.toy.base_model import build_demo_base_model
     from dreampainter.toy.data import write_toy_dataset
-    from dreampainter.training import load_config, train
-    from dreampainter.training.cache import cache_latents
 
     out = Path(settings.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
 
     def stage(name: str, config_name: str, pretrained: Path, steps: int):
-        overrides = _stage_overrides(settings, pretrained, data, out / name, steps)
-        config = load_config(_config_path(config_name), overrides)
-        cache = out / f"{name}_cache"
-        if cache.exists():
-            shutil.rmtree(cache)
-        cache_latents(config, cache)  # steps then run only the UNet (augmentation fixed at epoch 0's)
-        return train(load_config(_config_path(config_name), [*overrides, f"data.cache={cache}"]))
+        return train_stage(settings, out, data, name, config_name, pretrained, steps)
 
     def timed(name: str, fn):
         start = time.perf_counter()
@@ -202,7 +225,9 @@ def _background(image: np.ndarray, product_mask: np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def evaluate_demo(pipeline_dir: Path, bench: Path, out: Path, settings: DemoSettings) -> DemoReport:
     """Score the trained pipeline on the bench split with true and shuffled references and prompts."""
+    from dreampainter.evaluation.batch import EvalSample
     from dreampainter.evaluation.colour import background_distances
+    from dreampainter.evaluation.expansion import KnownSceneSegmenter, expansion_fraction
     from dreampainter.evaluation.product import psnr_in_region
     from dreampainter.pipelines import DreamPainterPipeline
     from dreampainter.pipelines.image_processing import composite, feathered_alpha
@@ -226,7 +251,8 @@ def evaluate_demo(pipeline_dir: Path, bench: Path, out: Path, settings: DemoSett
     names = ("true_reference", "shuffled_reference", "true_reference_with_prompt", "shuffled_reference_with_prompt",
              "true_prompt", "shuffled_prompt")
     distances: dict[str, list[float]] = {name: [] for name in names}
-    psnrs, max_change, grid_rows = [], 0.0, []
+    psnrs, expansions, max_change, grid_rows = [], [], 0.0, []
+    segmenter = KnownSceneSegmenter()
     for i, sample in enumerate(tqdm(samples, desc="evaluation")):
         other = samples[shuffled[i]]
         reference = np.asarray(sample.reference).reshape(-1, 3)
@@ -249,6 +275,9 @@ def evaluate_demo(pipeline_dir: Path, bench: Path, out: Path, settings: DemoSett
         product = sample.product_mask >= 128
         psnrs.append(psnr_in_region((raw * 255).round().astype(np.uint8), photo, product))
         pasted = (results["true_reference_with_prompt"] * 255).round().astype(np.uint8)
+        scored = EvalSample(sample.key, raw=(raw * 255).round().astype(np.uint8), composited=pasted, photo=photo,
+                            product_mask=sample.product_mask, reference=np.asarray(sample.reference))
+        expansions.append(expansion_fraction(segmenter(scored.composited, scored), scored.product_mask))
         max_change = max(max_change, float(np.abs(pasted[product].astype(int) - photo[product].astype(int)).max()))
         if len(grid_rows) < 6:
             grid_rows.append([sample.photo, Image.fromarray(255 - sample.product_mask), sample.reference,
@@ -278,6 +307,7 @@ def evaluate_demo(pipeline_dir: Path, bench: Path, out: Path, settings: DemoSett
         delta_e=mean,
         product_max_abs_change=max_change,
         product_psnr=float(np.mean(psnrs)),
+        object_expansion=float(np.mean(expansions)),
         grid=str(grid_path),
         pipeline=str(pipeline_dir),
     )

@@ -12,7 +12,8 @@ stay **fixed** for every epoch of a cached run) and stores per sample what
 ``text_embeds``             the prompt's CLIP text tokens
 ``pooled_text_embeds``      SDXL only: the pooled text embedding
 ``time_ids``                SDXL only: the micro-conditioning (original size, crop, target size)
-``reference_features``      what the adapter's projection consumes (stage 2 caches only)
+``reference_features``      what the adapter's projection consumes (stage 2, decoupled / both)
+``reference_latents``       the reference's VAE posterior mean (stage 2, in_context / both)
 =======================  ===============================================================
 
 plus, once, what a dropped prompt becomes (``step.empty_text``). Latents are still *sampled* from the stored posterior
@@ -54,6 +55,7 @@ from dreampainter.errors import InvalidInputError, MissingFileError
 from dreampainter.models import reference_features
 from dreampainter.models.backbones import TextConditions
 from dreampainter.training.config import TrainConfig
+from dreampainter.training.in_context import REFERENCE_LATENTS_NAME, cache_fields
 from dreampainter.training.step import (
     StepInputs,
     batch_time_ids,
@@ -144,7 +146,7 @@ def encode_batch(batch: Mapping[str, Any], parts, adapter_config, device) -> dic
     time_ids = batch_time_ids(parts, batch, latent_size, batch["pixel_values"].shape[-1] // latent_size[-1])
     if time_ids is not None:
         encoded["time_ids"] = time_ids.to(device)
-    if adapter_config is not None:
+    if adapter_config is not None and adapter_config.decoupled:
         output = parts.reference_encoder(batch["reference_pixel_values"].to(device))
         encoded[REFERENCE_NAME] = reference_features(output, adapter_config).float()
     return encoded
@@ -228,6 +230,7 @@ def cache_latents(
     with tqdm(desc=f"caching latents (rank {state.process_index})", unit="sample", disable=not progress) as bar:
         for batch in loader:
             encoded = encode_batch(batch, parts, adapter_config, device)
+            encoded.update(cache_fields(batch, parts, adapter_config, _cache_loader_config(config), device))
             for row, key in enumerate(batch["key"]):
                 writer.add(key, {name: tensor[row] for name, tensor in encoded.items()})
             count += len(batch["key"])
@@ -253,7 +256,8 @@ def cache_latents(
             "fingerprint": fingerprint,
             "weight_dtype": str(weight_dtype).removeprefix("torch."),
             "dtype": dtype,
-            "reference_feature_type": None if adapter_config is None else adapter_config.feature_type,
+            "reference_feature_type": None if adapter_config is None or not adapter_config.decoupled else adapter_config.feature_type,
+            "reference_latents": adapter_config is not None and adapter_config.in_context,
             "text_parts": list(TEXT_PART_NAMES) if parts.backbone.uses_pooled_text else [],
             "source": str(config.data.train),
             "seed": int(config.run.seed),
@@ -308,12 +312,19 @@ class LatentCache:
 
     def check_compatible(self, parts, stage: int) -> None:
         """Refuse a cache made with other components (or precision) than this run's, naming which."""
-        if stage == 2 and not self.has_reference_features:
+        adapter = parts.unet.reference_adapter_config if stage == 2 else None
+        if adapter is not None and adapter.in_context and not self.index.get("reference_latents"):
+            raise InvalidInputError(
+                f"data.cache {self.folder} has no reference latents (made for reference_mode decoupled or stage 1): "
+                "re-run cache-latents with this config"
+            )
+        decoupled = adapter is not None and adapter.decoupled
+        if decoupled and not self.has_reference_features:
             raise InvalidInputError(
                 f"data.cache {self.folder} has no reference features (made for stage 1): re-run cache-latents "
                 "with the stage-2 config"
             )
-        if stage == 2:
+        if decoupled:
             wanted = parts.unet.reference_adapter_config.feature_type
             if wanted != self.index["reference_feature_type"]:
                 raise InvalidInputError(
@@ -426,6 +437,8 @@ class CachedLoader:
         self.resume_batches = resume_samples // batch_size
         self.names = LATENT_NAMES + cache.text_part_names
         self.names += (REFERENCE_NAME,) if with_reference and cache.has_reference_features else ()
+        if with_reference and cache.index.get("reference_latents"):
+            self.names += (REFERENCE_LATENTS_NAME,)
         self.skips = SkipCounter()  # nothing is decoded here: kept for the trainer's logs
         order = list(range(len(cache)))
         random.Random(f"cache-order/{seed}/{epoch}").shuffle(order)
@@ -470,7 +483,7 @@ def cached_step_inputs(batch: Mapping[str, Any], stage: int, device) -> StepInpu
     text = TextConditions(batch["text_embeds"], batch.get("pooled_text_embeds")).map(lambda t: t.to(device))
     text = select_text(text, batch["empty_text_embeds"].map(lambda t: t.to(device)), drop_text)
     features = None
-    if stage == 2:
+    if stage == 2 and REFERENCE_NAME in batch:
         features = condition_reference(batch[REFERENCE_NAME].to(device), drop_reference)
     return StepInputs(
         batch["latent_mean"].to(device),

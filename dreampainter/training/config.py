@@ -217,6 +217,13 @@ class TrainConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def __post_init__(self) -> None:
+        if self.model.adapter.reference_mode != "decoupled" and self.train.gradient_checkpointing:
+            raise ConfigValueError(
+                "train.gradient_checkpointing",
+                "is not supported with in-context reference conditioning (the recomputed self-attention "
+                "would not see the reference pass)",
+                related=("model.adapter.reference_mode",),
+            )
         if self.run.stage == 1 and self.model.unet_training == UnetTraining.frozen:
             raise ConfigValueError(
                 "model.unet_training", "frozen leaves nothing to train in stage 1", related=("run.stage",)

@@ -46,7 +46,7 @@ def prepare_inputs(
     latent_size = tuple(latent_mean.shape[-2:])
     time_ids = batch_time_ids(parts, batch, latent_size, batch["pixel_values"].shape[-1] // latent_size[-1])
     features = None
-    if stage == 2:
+    if stage == 2 and parts.unet.reference_adapter_config.decoupled:  # in_context: no CLIP features
         with torch.no_grad():
             encoded = parts.reference_encoder(batch["reference_pixel_values"].to(device))
         features = condition_reference(

@@ -16,6 +16,7 @@ from diffusers.training_utils import compute_snr
 
 from dreampainter.models.adapter import drop_references
 from dreampainter.models.backbones import TextConditions
+from dreampainter.models.in_context import in_context_reference
 
 
 @dataclass
@@ -31,6 +32,10 @@ class StepInputs:
     reference_features: torch.Tensor | None  # zero rows where the reference is dropped; None in stage 1
     pooled_text_embeds: torch.Tensor | None = None  # (B, P) SDXL's pooled text embedding
     time_ids: torch.Tensor | None = None  # (B, 6) SDXL's micro-conditioning
+    # In-context reference modes (training/in_context.py): clean reference latents of the rows that keep
+    # their reference, and each row's index among them (-1: dropped). None otherwise.
+    reference_latents: torch.Tensor | None = None
+    reference_rows: torch.Tensor | None = None
 
     @property
     def text(self) -> TextConditions:
@@ -102,6 +107,16 @@ def condition_reference(features: torch.Tensor | None, drop_reference: torch.Ten
     return drop_references(features, drop_reference.to(features.device))
 
 
+def _reference_pass_kwargs(inputs: StepInputs) -> dict:
+    """The in-context reference pass's extra UNet arguments: with a decoupled adapter too (``both``), zero
+    features ("no CLIP reference") for each of its rows."""
+    if inputs.reference_latents is None or inputs.reference_features is None:
+        return {}
+    rows = inputs.reference_latents.shape[0]
+    features = inputs.reference_features
+    return {"added_cond_kwargs": {"image_embeds": features.new_zeros((rows, *features.shape[1:]))}}
+
+
 def diffusion_loss(
     unet,
     noise_scheduler: DDPMScheduler,
@@ -139,9 +154,11 @@ def diffusion_loss(
         added["image_embeds"] = inputs.reference_features
     if added:
         kwargs["added_cond_kwargs"] = added
-    prediction = unet(
-        model_input.to(dtype), timesteps, encoder_hidden_states=inputs.text_embeds.to(dtype), **kwargs
-    ).sample
+    reference_pass = _reference_pass_kwargs(inputs)  # in-context modes: run once, appended in every attn1
+    with in_context_reference(unet, inputs.reference_latents, inputs.reference_rows, dtype, **reference_pass):
+        prediction = unet(
+            model_input.to(dtype), timesteps, encoder_hidden_states=inputs.text_embeds.to(dtype), **kwargs
+        ).sample
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if snr_gamma:
         snr = compute_snr(noise_scheduler, timesteps).float()

@@ -32,6 +32,7 @@ from dreampainter.training.cache import CachedLoader, LatentCache, open_latent_c
 from dreampainter.training.checkpointing import TrainState
 from dreampainter.training.components import load_components
 from dreampainter.training.config import TrainConfig, save_config
+from dreampainter.training.in_context import add_in_context_inputs
 from dreampainter.training.inputs import prepare_inputs
 from dreampainter.training.outputs import save_outputs
 from dreampainter.training.progress import ProgressLog
@@ -136,6 +137,7 @@ def train(config: TrainConfig) -> TrainResult:
     # Train: for each batch, step; on each optimizer step, EMA, log, checkpoint, validate.
     def compute_loss(batch: dict) -> torch.Tensor:
         inputs = prepare_inputs(batch, parts, empty_embeds, stage, device)
+        inputs = add_in_context_inputs(inputs, batch, parts, config.data.loader, stage, device)  # in-context modes
         with accelerator.autocast():
             return diffusion_loss(
                 unet, parts.noise_scheduler, inputs, generator,
