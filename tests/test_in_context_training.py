@@ -15,7 +15,7 @@ from dreampainter.training.cache import LATENT_NAMES, LatentCache, cache_latents
 from dreampainter.training.components import load_components
 from dreampainter.training.in_context import REFERENCE_LATENTS_NAME, add_in_context_inputs, in_context_rows
 from dreampainter.training.inputs import prepare_inputs
-from dreampainter.training.step import StepInputs, diffusion_loss, encode_prompts
+from dreampainter.training.step import StepInputs, diffusion_loss, empty_text
 
 IN_CONTEXT = {"adapter": {"reference_mode": "in_context"}, "unet_training": "lora", "lora": {"rank": 8}}
 
@@ -53,7 +53,7 @@ def test_cached_reference_latents_equal_the_uncached_ones_and_the_mode_is_saved(
 
     batch = next(iter(build_dataloader(config.data.train, config.data.loader, batch_size=4, seed=0)))
     batch["drop_reference"] = torch.tensor([False, True, False, False])
-    empty = encode_prompts(parts.tokenizer, parts.text_encoder, [""])
+    empty = empty_text(parts)
     uncached = add_in_context_inputs(prepare_inputs(batch, parts, empty, 2, "cpu"), batch, parts, config.data.loader, 2, "cpu")
     cached_batch = cache.read([cache.index_of(key) for key in batch["key"]], (*LATENT_NAMES, REFERENCE_LATENTS_NAME))
     cached_batch.update(drop_text=batch["drop_text"], drop_reference=batch["drop_reference"],
@@ -86,7 +86,7 @@ def _inputs(latents: torch.Tensor, references: torch.Tensor) -> StepInputs:
     """Everything to repaint, no text: only the in-context reference tells the scene's colour."""
     n, zeros = latents.shape[0], torch.zeros_like(latents)
     return StepInputs(latents, zeros, zeros, zeros, torch.ones(n, 1, 8, 8), torch.zeros(n, 1, 32), None,
-                      references, torch.arange(n))
+                      reference_latents=references, reference_rows=torch.arange(n))
 
 
 def _reference_ratio(unet, scheduler, held_out: torch.Tensor) -> tuple[float, int]:

@@ -493,8 +493,8 @@ def cached_step_inputs(batch: Mapping[str, Any], stage: int, device) -> StepInpu
         batch["mask"].to(device),
         text.tokens,
         features,
-        text.pooled,
-        batch["time_ids"].to(device) if "time_ids" in batch else None,
+        pooled_text_embeds=text.pooled,
+        time_ids=batch["time_ids"].to(device) if "time_ids" in batch else None,
     )
 
 

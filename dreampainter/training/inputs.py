@@ -60,6 +60,6 @@ def prepare_inputs(
         latent_mask(batch["mask"].to(device), latent_size),
         text.tokens,
         features,
-        text.pooled,
-        None if time_ids is None else time_ids.to(device),
+        pooled_text_embeds=text.pooled,
+        time_ids=None if time_ids is None else time_ids.to(device),
     )

@@ -7,7 +7,7 @@ so a cached step computes exactly the loss the uncached step computes on the sam
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ class StepInputs:
     mask: torch.Tensor  # (B, 1, h, w), 1 = repaint
     text_embeds: torch.Tensor  # (B, L, D), the empty prompt's where text is dropped
     reference_features: torch.Tensor | None  # zero rows where the reference is dropped; None in stage 1
+    _: KW_ONLY  # the optional parts below are given by name
     pooled_text_embeds: torch.Tensor | None = None  # (B, P) SDXL's pooled text embedding
     time_ids: torch.Tensor | None = None  # (B, 6) SDXL's micro-conditioning
     # In-context reference modes (training/in_context.py): clean reference latents of the rows that keep
