@@ -28,7 +28,9 @@ def setup(tmp_path_factory):
 
 
 def _config(root, base, shards, name, cache=None, **sections):
-    sections.setdefault("model", IN_CONTEXT)
+    if "model" not in sections:  # in-context: the CLIP-sized reference (48 px here) is resized to the photo's side
+        sections["model"] = IN_CONTEXT
+        sections.setdefault("data", {}).setdefault("loader", {})["reference_size"] = 48
     sections.setdefault("checkpoint", {"every_steps": 0})
     data = sections.setdefault("data", {})
     data.setdefault("loader", {}).update(reference_aligned=True, p_drop_reference=0.1, p_drop_text=0.0, p_drop_both=0.0)
@@ -61,6 +63,7 @@ def test_cached_reference_latents_equal_the_uncached_ones_and_the_mode_is_saved(
     cached = add_in_context_inputs(prepare_inputs(cached_batch, None, None, 2, "cpu"), cached_batch, parts,
                                    config.data.loader, 2, "cpu")
     assert uncached.reference_features is None  # in_context only: no CLIP features
+    assert batch["reference_pixel_values"].shape[-1] == 48
     assert cached.reference_latents.shape == (3, 4, 16, 16)  # the kept rows, at the photo's latent size
     assert torch.allclose(cached.reference_latents, uncached.reference_latents, atol=1e-5)
     assert cached.reference_rows.tolist() == [0, -1, 1, 2]
