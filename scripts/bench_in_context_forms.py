@@ -5,7 +5,10 @@
 * (b) reference pass (what ``reference_mode: in_context`` implements, ``models/in_context.py``): the UNet
   runs once on the reference (t = 0), then every step runs on the target alone, each self-attention
   appending the reference's keys / values;
-* text only: the plain UNet on the target (no reference), the floor.
+* text only: the plain UNet on the target (no reference), the floor;
+* decoupled: the same UNet with the decoupled adapter (``reference_mode: decoupled``, a linear projection
+  to 4 tokens; 16 resampler tokens would cost a little more), the reference as CLIP features (the CLIP
+  image encoder's own cost, once per image, is not included).
 
 One image = ``--steps`` steps of a two-branch guided call (batch 2: unconditional + with reference; in
 (b) the unconditional row attends to nothing extra). Timings are medians over rounds in which the forms
@@ -18,6 +21,7 @@ run interleaved, so a busy machine slows them alike; the ratios are the result.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
@@ -54,7 +58,10 @@ def main() -> None:
     torch.manual_seed(0)
     config = DEMO_UNET if args.unet == "demo" else sd15_inpainting_unet_config()
     unet = UNet2DConditionModel(**config).eval()
+    decoupled = copy.deepcopy(unet)
     install_reference_adapter(unet, AdapterConfig(reference_mode="in_context"))
+    install_reference_adapter(decoupled, AdapterConfig(image_embed_dim=1024))
+    features = torch.randn(2, 1024)
     side, width = args.latent, unet.config.cross_attention_dim
     text = torch.randn(2, args.tokens, width)
     t = torch.tensor(500)
@@ -68,9 +75,14 @@ def main() -> None:
     def text_step() -> None:
         unet(target, t, encoder_hidden_states=text)
 
-    times: dict[str, list[float]] = {"text only": [], "(a) canvas": [], "(b) appended": [], "(b) reference pass": []}
+    def decoupled_step() -> None:
+        decoupled(target, t, encoder_hidden_states=text, added_cond_kwargs={"image_embeds": features})
+
+    times: dict[str, list[float]] = {
+        "text only": [], "decoupled": [], "(a) canvas": [], "(b) appended": [], "(b) reference pass": []
+    }
     for round_index in range(args.rounds + 1):  # round 0 warms up
-        measured = {"text only": _timed(text_step), "(a) canvas": _timed(canvas_step)}
+        measured = {"text only": _timed(text_step), "decoupled": _timed(decoupled_step), "(a) canvas": _timed(canvas_step)}
         start = time.perf_counter()
         with in_context_reference(unet, reference, torch.tensor([-1, 0])):
             measured["(b) reference pass"] = time.perf_counter() - start
@@ -82,14 +94,18 @@ def main() -> None:
     step = {name: statistics.median(values) for name, values in times.items()}
     per_image = {
         "text only": args.steps * step["text only"],
+        "decoupled": args.steps * step["decoupled"],
         "(a) canvas": args.steps * step["(a) canvas"],
         "(b) appended": step["(b) reference pass"] + args.steps * step["(b) appended"],
     }
     print(f"UNet {args.unet}, target latents {side}x{side}, {args.steps} steps, batch 2, {torch.get_num_threads()} threads")
-    print("| form | s / step | s / image | x text only |")
-    print("| --- | ---: | ---: | ---: |")
-    for name in ("text only", "(a) canvas", "(b) appended"):
-        print(f"| {name} | {step[name]:.4f} | {per_image[name]:.3f} | {per_image[name] / per_image['text only']:.2f} |")
+    print("| form | s / step | s / image | x text only | x decoupled |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name in ("text only", "decoupled", "(a) canvas", "(b) appended"):
+        print(
+            f"| {name} | {step[name]:.4f} | {per_image[name]:.3f} | {per_image[name] / per_image['text only']:.2f} | "
+            f"{per_image[name] / per_image['decoupled']:.2f} |"
+        )
     print(f"(b) reference pass, once per image: {step['(b) reference pass']:.4f} s")
 
 

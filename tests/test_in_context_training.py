@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from training_utils import make_tiny_base, make_toy_shards, tiny_config, write_config
+from training_utils import REPO, accelerate_launch, make_tiny_base, make_toy_shards, tiny_config, write_config
 
 from dreampainter.errors import InvalidInputError
 from dreampainter.models import get_adapter_config
@@ -28,7 +28,9 @@ def setup(tmp_path_factory):
 
 
 def _config(root, base, shards, name, cache=None, **sections):
-    sections.setdefault("model", IN_CONTEXT)
+    if "model" not in sections:  # in-context: the CLIP-sized reference (48 px here) is resized to the photo's side
+        sections["model"] = IN_CONTEXT
+        sections.setdefault("data", {}).setdefault("loader", {})["reference_size"] = 48
     sections.setdefault("checkpoint", {"every_steps": 0})
     data = sections.setdefault("data", {})
     data.setdefault("loader", {}).update(reference_aligned=True, p_drop_reference=0.1, p_drop_text=0.0, p_drop_both=0.0)
@@ -61,6 +63,7 @@ def test_cached_reference_latents_equal_the_uncached_ones_and_the_mode_is_saved(
     cached = add_in_context_inputs(prepare_inputs(cached_batch, None, None, 2, "cpu"), cached_batch, parts,
                                    config.data.loader, 2, "cpu")
     assert uncached.reference_features is None  # in_context only: no CLIP features
+    assert batch["reference_pixel_values"].shape[-1] == 48
     assert cached.reference_latents.shape == (3, 4, 16, 16)  # the kept rows, at the photo's latent size
     assert torch.allclose(cached.reference_latents, uncached.reference_latents, atol=1e-5)
     assert cached.reference_rows.tolist() == [0, -1, 1, 2]
@@ -75,6 +78,21 @@ def test_cached_reference_latents_equal_the_uncached_ones_and_the_mode_is_saved(
         train(_config(root, base, shards, "stale", cache=root / "decoupled_cache"))
     with pytest.raises(InvalidInputError, match="gradient_checkpointing"):
         _config(root, base, shards, "gc", train={"gradient_checkpointing": True})
+
+
+def test_two_processes_train_the_in_context_lora_in_sync(setup):
+    """DDP (2 CPU processes, gloo) runs the wrapped UNet twice per step (reference pass, then the step) before
+    one backward: the ranks must end with the same weights."""
+    import json
+
+    root, base, shards = setup
+    config = tiny_config(base, shards, root / "ddp", model=IN_CONTEXT, train={"max_steps": 2},
+                         checkpoint={"every_steps": 0}, data={"loader": {"p_drop_reference": 0.3}})
+    accelerate_launch(REPO / "configs" / "accelerate" / "cpu_2proc.yaml", "train.py", "--config",
+                      str(write_config(config, root / "ddp.yaml")))
+    summary = json.loads((root / "ddp" / "train_summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["global_step"] == 2
+    assert summary["rank_checksums"][0] == summary["rank_checksums"][1]
 
 
 def _scenes(n: int, generator: torch.Generator) -> torch.Tensor:

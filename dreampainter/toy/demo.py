@@ -118,6 +118,7 @@ class DemoReport:
             ("product pixels changed after compositing (max abs)", f"{self.product_max_abs_change:.0f}",
              "exact" if self.product_max_abs_change == 0 else "CHANGED"),
             ("product PSNR before compositing (dB)", f"{self.product_psnr:.2f}", ""),
+            ("object expansion (image fraction painted as product outside it)", f"{self.object_expansion:.4f}", ""),
         ]
         width = max(len(r[0]) for r in rows)
         lines = [f"{'metric'.ljust(width)} | value | verdict", "-" * (width + 30)]

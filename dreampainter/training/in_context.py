@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from dreampainter.data.loading.config import LoaderConfig
 from dreampainter.training.step import StepInputs, drop_masks, encode_latent_distribution
@@ -41,12 +42,21 @@ def reference_vae_pixels(reference_pixel_values: torch.Tensor, loader_config: Lo
     return unit.clamp(0, 1) * 2 - 1
 
 
+def reference_side(adapter_config, pixel_values: torch.Tensor) -> int:
+    """The reference's side in pixels before the VAE: ``in_context_size``, else the photo's shorter side (as the
+    pipeline does; ``data.loader.reference_size`` is the CLIP encoder's, e.g. 224, which need not suit the UNet)."""
+    return int(adapter_config.in_context_size or min(pixel_values.shape[-2:]))
+
+
 @torch.no_grad()
 def encode_reference_latents(
-    vae, reference_pixel_values: torch.Tensor, loader_config: LoaderConfig
+    vae, reference_pixel_values: torch.Tensor, loader_config: LoaderConfig, side: int | None = None
 ) -> torch.Tensor:
-    """The references' scaled VAE posterior means (B, C, h, w), float32."""
-    mean, _ = encode_latent_distribution(vae, reference_vae_pixels(reference_pixel_values, loader_config))
+    """The references' scaled VAE posterior means (B, C, h, w), float32, resized to ``side`` pixels first."""
+    pixels = reference_vae_pixels(reference_pixel_values, loader_config)
+    if side is not None and tuple(pixels.shape[-2:]) != (side, side):
+        pixels = F.interpolate(pixels, size=(side, side), mode="bicubic", antialias=True).clamp(-1, 1)
+    mean, _ = encode_latent_distribution(vae, pixels)
     return mean.float()
 
 
@@ -58,7 +68,8 @@ def cache_fields(
     if adapter_config is None or not adapter_config.in_context:
         return {}
     pixels = batch["reference_pixel_values"].to(device)
-    return {REFERENCE_LATENTS_NAME: encode_reference_latents(parts.vae, pixels, loader_config)}
+    side = reference_side(adapter_config, batch["pixel_values"])
+    return {REFERENCE_LATENTS_NAME: encode_reference_latents(parts.vae, pixels, loader_config, side)}
 
 
 def in_context_rows(drop_reference: torch.Tensor) -> torch.Tensor:
@@ -77,9 +88,8 @@ def add_in_context_inputs(
     if REFERENCE_LATENTS_NAME in batch:  # data.cache
         latents = batch[REFERENCE_LATENTS_NAME].to(device).float()
     else:
-        latents = encode_reference_latents(
-            parts.vae, batch["reference_pixel_values"].to(device), loader_config
-        )
+        side = reference_side(parts.unet.reference_adapter_config, batch["pixel_values"])
+        latents = encode_reference_latents(parts.vae, batch["reference_pixel_values"].to(device), loader_config, side)
     _, drop_reference = drop_masks(batch, stage)
     rows = in_context_rows(drop_reference).to(device)
     return dataclasses.replace(inputs, reference_latents=latents[rows.cpu() >= 0], reference_rows=rows)
