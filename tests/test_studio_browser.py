@@ -36,7 +36,7 @@ CHROMIUM_ARGS = [
 WAIT_MS = 60_000  # for every wait (page actions and expect): a loaded 2-core CI machine is slow
 expect.set_options(timeout=WAIT_MS)
 
-NO_CHROMIUM = "no chromium on PATH (`make setup` installs Debian's chromium when run as root; or: apt-get install chromium)"
+NO_CHROMIUM = "no chromium on PATH (`make test` installs Debian's chromium when run as root; or: apt-get install chromium)"
 if CHROMIUM is None and os.environ.get("DREAMPAINTER_REQUIRE_BROWSER"):  # CI (.ci/run): never skip silently
     raise RuntimeError(NO_CHROMIUM)
 
