@@ -79,9 +79,9 @@ def build_tiny_vae(seed: int = 0, block_out_channels=(16, 32), latent_channels: 
     )
 
 
-def build_tiny_text_encoder(seed: int = 0, hidden_size: int = 32, num_layers: int = 2) -> CLIPTextModel:
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(
+def tiny_clip_text_config(hidden_size: int = 32, num_layers: int = 2, projection_dim: int | None = None) -> CLIPTextConfig:
+    """A small CLIP text config with the real vocabulary, context length and special tokens."""
+    return CLIPTextConfig(
         vocab_size=CLIP_VOCAB_SIZE,
         hidden_size=hidden_size,
         intermediate_size=hidden_size * 2,
@@ -91,27 +91,19 @@ def build_tiny_text_encoder(seed: int = 0, hidden_size: int = 32, num_layers: in
         bos_token_id=49406,
         eos_token_id=49407,
         pad_token_id=49407,
-        projection_dim=hidden_size,
+        projection_dim=projection_dim or hidden_size,
     )
-    return CLIPTextModel(config).eval()
+
+
+def build_tiny_text_encoder(seed: int = 0, hidden_size: int = 32, num_layers: int = 2) -> CLIPTextModel:
+    torch.manual_seed(seed)
+    return CLIPTextModel(tiny_clip_text_config(hidden_size, num_layers)).eval()
 
 
 def build_tiny_text_encoder_2(seed: int = 1, hidden_size: int = 32, projection_dim: int = 32) -> CLIPTextModelWithProjection:
     """SDXL's second text encoder, tiny: CLIP text model with a projection (the pooled ``text_embeds``)."""
     torch.manual_seed(seed)
-    config = CLIPTextConfig(
-        vocab_size=CLIP_VOCAB_SIZE,
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=CLIP_CONTEXT_LENGTH,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-        projection_dim=projection_dim,
-    )
-    return CLIPTextModelWithProjection(config).eval()
+    return CLIPTextModelWithProjection(tiny_clip_text_config(hidden_size, 2, projection_dim)).eval()
 
 
 def build_tiny_scheduler(**overrides) -> DDIMScheduler:
