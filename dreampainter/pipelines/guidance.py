@@ -150,3 +150,36 @@ class ReferenceGuidanceSchedule:
 
     def first_inside(self, num_steps: int) -> int:
         return 0 if self.interval is None else math.ceil(self.interval[0] * num_steps)
+
+
+class ScheduledGuidance:
+    """A denoising loop's guidance under a :class:`ReferenceGuidanceSchedule`: which branches each step runs,
+    and how their predictions combine (keeping the last measured reference delta for the reduced steps)."""
+
+    def __init__(self, schedule: ReferenceGuidanceSchedule | None, num_steps: int) -> None:
+        self.schedule = schedule or ReferenceGuidanceSchedule()
+        self.num_steps = num_steps
+        self.first_inside = None if self.schedule.is_full else self.schedule.first_inside(num_steps)
+        self.delta = None  # the last e(t,r) - e(t,∅)
+
+    def _scheduled(self, plan: GuidancePlan) -> bool:
+        return self.first_inside is not None and plan.measures_reference
+
+    def step_plan(self, plan: GuidancePlan, step: int) -> GuidancePlan:
+        """``plan``, or ``plan`` without its ``TEXT`` branch on a step the schedule skips."""
+        if not self._scheduled(plan):
+            return plan
+        if not self.schedule.inside(step, self.num_steps):
+            return plan.without_text_branch()
+        if self.delta is not None and (step - self.first_inside) % self.schedule.every:
+            return plan.without_text_branch()
+        return plan
+
+    def combine(self, plan: GuidancePlan, step_plan: GuidancePlan, step: int, noise_pred: torch.Tensor) -> torch.Tensor:
+        """The guided prediction of one step that ran ``step_plan`` (from :meth:`step_plan`) for ``plan``."""
+        if step_plan is plan:
+            if self._scheduled(plan):
+                self.delta = plan.reference_delta(noise_pred)
+            return plan.combine(noise_pred)
+        reuse = self.delta if self.schedule.inside(step, self.num_steps) else None
+        return plan.combine_reduced(noise_pred, reuse)

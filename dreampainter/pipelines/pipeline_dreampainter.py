@@ -42,6 +42,7 @@ from dreampainter.pipelines.guidance import (
     UNCOND,
     GuidancePlan,
     ReferenceGuidanceSchedule,
+    ScheduledGuidance,
     check_guidance_scale,
 )
 from dreampainter.pipelines.image_processing import (
@@ -138,6 +139,16 @@ def _negative_prompts(negative_prompt, batch_size: int) -> list[str]:
 
 # Callback tensor names that are parts of the text conditions (see ``TextConditions``).
 _TEXT_PARTS = {"prompt_embeds": "tokens", "add_text_embeds": "pooled", "add_time_ids": "time_ids"}
+
+
+def _added_tensors(added_cond_kwargs: dict | None) -> dict[str, torch.Tensor | None]:
+    """A UNet call's ``added_cond_kwargs`` under their callback names (``None`` where absent)."""
+    added = added_cond_kwargs or {}
+    return {
+        "image_embeds": added.get("image_embeds"),
+        "add_text_embeds": added.get("text_embeds"),
+        "add_time_ids": added.get("time_ids"),
+    }
 
 
 @dataclass
@@ -1224,21 +1235,13 @@ class DreamPainterPipeline(DiffusionPipeline):
         ``schedule`` the ``TEXT`` branch of a plan that has it beside ``TEXT_REF`` runs on its steps only.
         """
         plan, made_from = self._plan, (self._guidance_scale, self._reference_guidance_scale)
-        schedule = schedule or ReferenceGuidanceSchedule()
-        num_steps, first_inside, reference_delta = len(timesteps), None, None
-        if not schedule.is_full:
-            first_inside = schedule.first_inside(num_steps)
+        guidance = ScheduledGuidance(schedule, len(timesteps))
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for step, t in enumerate(timesteps):
                 if self.interrupt:
                     progress_bar.update()
                     continue
-                step_plan, reuse = plan, None  # reuse: the delta a reduced step applies (None: none)
-                if first_inside is not None and plan.measures_reference:
-                    if not schedule.inside(step, num_steps):
-                        step_plan = plan.without_text_branch()
-                    elif reference_delta is not None and (step - first_inside) % schedule.every:
-                        step_plan, reuse = plan.without_text_branch(), reference_delta
+                step_plan = guidance.step_plan(plan, step)
                 repeat = step_plan.num_branches
                 encoder_hidden_states, added_cond_kwargs = conditions.for_plan(step_plan)
                 if conditions.in_context is not None:  # in-context modes: which rows attend to the reference
@@ -1255,35 +1258,46 @@ class DreamPainterPipeline(DiffusionPipeline):
                     added_cond_kwargs=added_cond_kwargs,
                     return_dict=False,
                 )[0]
-                if step_plan is plan:
-                    if first_inside is not None and plan.measures_reference:
-                        reference_delta = plan.reference_delta(noise_pred)
-                    noise_pred = plan.combine(noise_pred)
-                else:
-                    noise_pred = plan.combine_reduced(noise_pred, reuse)
+                noise_pred = guidance.combine(plan, step_plan, step, noise_pred)
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
                 if callback_on_step_end is not None:
-                    added = added_cond_kwargs or {}
-                    available = {
-                        "latents": latents, "prompt_embeds": encoder_hidden_states,
-                        "image_embeds": added.get("image_embeds"), "add_text_embeds": added.get("text_embeds"),
-                        "add_time_ids": added.get("time_ids"), "mask_latents": mask_latents,
+                    tensors = {
+                        "latents": latents, "prompt_embeds": encoder_hidden_states, "mask_latents": mask_latents,
                         "masked_image_latents": masked_latents, "noise_pred": noise_pred,
+                        **_added_tensors(added_cond_kwargs),
                     }  # fmt: skip
-                    tensors = {name: available[name] for name in callback_on_step_end_tensor_inputs}
-                    returned = dict(callback_on_step_end(self, step, t, tensors) or {})
+                    returned = dict(
+                        callback_on_step_end(
+                            self, step, t, {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
+                        )
+                        or {}
+                    )
                     latents = returned.pop("latents", latents)
                     mask_latents = returned.pop("mask_latents", mask_latents)
                     masked_latents = returned.pop("masked_image_latents", masked_latents)
-                    returned.pop("noise_pred", None)
-                    previous = plan
-                    plan, made_from = self._replan(plan, made_from, conditions, has_reference)
-                    self._plan = plan
-                    for name in ("prompt_embeds", "image_embeds", "add_text_embeds", "add_time_ids"):
-                        if name in returned:  # rows as the callback was given them: this step's branches
-                            conditions.replace(step_plan if plan is previous else plan, name, returned.pop(name))
+                    plan, made_from = self._after_callback(returned, plan, step_plan, made_from, conditions, has_reference)
                 progress_bar.update()
         return latents
+
+    def _after_callback(
+        self,
+        returned: dict,
+        plan: GuidancePlan,
+        step_plan: GuidancePlan,
+        made_from: tuple[float, float],
+        conditions: BranchConditions,
+        has_reference: bool,
+    ) -> tuple[GuidancePlan, tuple[float, float]]:
+        """Apply what a step-end callback changed besides the latents: the guidance scales (a new plan) and
+        returned conditions (rows as the callback was given them: this step's branches)."""
+        returned.pop("noise_pred", None)  # read-only
+        previous = plan
+        plan, made_from = self._replan(plan, made_from, conditions, has_reference)
+        self._plan = plan
+        for name in ("prompt_embeds", "image_embeds", "add_text_embeds", "add_time_ids"):
+            if name in returned:
+                conditions.replace(step_plan if plan is previous else plan, name, returned.pop(name))
+        return plan, made_from
 
     def _finish(
         self,
