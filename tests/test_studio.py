@@ -240,3 +240,19 @@ def test_a_chinese_prompt_generates_and_is_kept_in_the_settings(service, files):
         product, [], StudioRequest(prompt="大理石桌面，柔和的光", num_inference_steps=1)
     )
     assert result.settings["prompt"] == "大理石桌面，柔和的光" and result.image.size == (44, 30)
+
+
+def test_an_sdxl_pipeline_generates_at_the_canvas_size_with_exact_product_pixels(tmp_path, files):
+    """The studio is backbone-agnostic: an SDXL pipeline (two text encoders, size conditioning, buckets)
+    generates on a 4:5 canvas, with the style preset, and keeps the product's pixels."""
+    service = StudioService(build_tiny_pipeline(tmp_path / "tokenizer", backbone="sdxl"), "cpu", out_dir=tmp_path / "out")
+    limits = Limits()
+    placement = Placement(canvas="4:5", long_side=40, scale=0.7)
+    product = place_product(load_product("cutout", files / "cutout.png", None, limits), placement, limits)
+    request = StudioRequest(prompt="a marble table", num_inference_steps=2, reference_preset="style",
+                            resolution=64, placement=placement)  # fmt: skip
+    (result,) = service.generate(product, load_references([files / "ref.png"], limits), request)
+    pixels = np.asarray(Image.open(result.path))
+    assert pixels.shape == (40, 32, 3)
+    full = product.product_mask == 255
+    assert np.array_equal(pixels[full], np.asarray(product.image)[full])
