@@ -68,6 +68,7 @@ from dreampainter.training.step import (
     select_text,
 )
 from dreampainter.utils import (
+    TORCH_DTYPES,
     atomic_path,
     atomic_write_json,
     mixed_precision_dtype,
@@ -84,7 +85,6 @@ LATENT_NAMES = ("latent_mean", "latent_std", "masked_mean", "masked_std", "mask"
 TEXT_PART_NAMES = ("pooled_text_embeds", "time_ids")  # cached when the backbone has them (SDXL)
 REFERENCE_NAME = "reference_features"
 MAX_OPEN_CHUNKS = 128
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Loader fields that change what is cached (a run with other values trains on the cached ones).
 GEOMETRY_FIELDS = (
     "resolution", "buckets", "max_zoom", "flip_prob", "reference_size", "reference_mode", "reference_mean",
@@ -195,8 +195,8 @@ def cache_latents(
 
     from dreampainter.training.components import load_components
 
-    if dtype not in DTYPES:
-        raise InvalidInputError(f"cache dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    if dtype not in TORCH_DTYPES:
+        raise InvalidInputError(f"cache dtype must be one of {tuple(TORCH_DTYPES)}, got {dtype!r}")
     if chunk_size < 1:
         raise InvalidInputError(f"cache chunk_size must be >= 1, got {chunk_size}")
     if not config.data.train:
@@ -225,7 +225,7 @@ def cache_latents(
         rank=state.process_index, world_size=state.num_processes, num_workers=config.data.num_workers,
         epoch=0, seed=config.run.seed,
     )
-    writer = _ChunkWriter(folder, state.process_index, chunk_size, DTYPES[dtype])
+    writer = _ChunkWriter(folder, state.process_index, chunk_size, TORCH_DTYPES[dtype])
     count = 0
     with tqdm(desc=f"caching latents (rank {state.process_index})", unit="sample", disable=not progress) as bar:
         for batch in loader:
@@ -244,7 +244,7 @@ def cache_latents(
         if empty.pooled is not None:
             tensors["pooled_text_embeds"] = empty.pooled
         with atomic_path(folder / EMPTY_PROMPT_NAME) as temporary:
-            save_file({k: v.float().cpu().to(DTYPES[dtype]).contiguous() for k, v in tensors.items()}, str(temporary))
+            save_file({k: v.float().cpu().to(TORCH_DTYPES[dtype]).contiguous() for k, v in tensors.items()}, str(temporary))
         fingerprint = components_fingerprint(parts, with_reference=adapter_config is not None)
     state.wait_for_everyone()
     index_path = folder / INDEX_NAME

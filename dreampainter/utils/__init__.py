@@ -2,6 +2,7 @@
 
 from dreampainter.utils.io import atomic_path, atomic_write_json, atomic_write_text
 from dreampainter.utils.torch_utils import (
+    TORCH_DTYPES,
     accelerator_available,
     mixed_precision_dtype,
     module_fingerprint,
@@ -9,6 +10,7 @@ from dreampainter.utils.torch_utils import (
 )
 
 __all__ = [
+    "TORCH_DTYPES",
     "atomic_path",
     "atomic_write_json",
     "atomic_write_text",

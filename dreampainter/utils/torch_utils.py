@@ -9,6 +9,8 @@ import os
 import torch
 
 MIXED_PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# torch dtypes by their names, as configs spell them (``float32`` / ``float16`` / ``bfloat16``).
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def accelerator_available() -> bool:

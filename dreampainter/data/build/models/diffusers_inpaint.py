@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from dreampainter.errors import InvalidInputError, MissingFileError
+from dreampainter.utils import TORCH_DTYPES
 
 from .common import (
     batches_by_key,
@@ -35,7 +36,6 @@ HINT = (
     "download a diffusers inpainting pipeline folder, e.g. stable-diffusion-v1-5/stable-diffusion-inpainting "
     "(model_index.json and its component folders), and set path to it"
 )
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def working_size(height: int, width: int, resolution: int) -> tuple[int, int]:
@@ -86,10 +86,10 @@ class DiffusersInpaintReference:
         self.batch_size = check_positive("batch_size", batch_size)
         if dtype == "auto":
             self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        elif dtype in DTYPES:
-            self.dtype = DTYPES[dtype]
+        elif dtype in TORCH_DTYPES:
+            self.dtype = TORCH_DTYPES[dtype]
         else:
-            raise InvalidInputError(f"dtype: expected auto, {', '.join(DTYPES)}; got {dtype!r}")
+            raise InvalidInputError(f"dtype: expected auto, {', '.join(TORCH_DTYPES)}; got {dtype!r}")
         extra = (
             {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
         )
