@@ -54,14 +54,6 @@ class TextConditions:
             parts[f.name] = None if values[0] is None else torch.cat(values)
         return TextConditions(**parts)
 
-    def chunk(self, n: int) -> list[TextConditions]:
-        """Split into ``n`` equal row blocks (the inverse of :meth:`cat`)."""
-        split = {f.name: _chunk(getattr(self, f.name), n) for f in fields(self)}
-        return [
-            TextConditions(**{name: None if v is None else v[i] for name, v in split.items()})
-            for i in range(n)
-        ]
-
     def where(self, drop: torch.Tensor, other: TextConditions) -> TextConditions:
         """Rows of ``other`` (one row, broadcast) where ``drop``; ``time_ids`` are kept (they are no text)."""
 
@@ -85,10 +77,6 @@ class TextConditions:
 
 def _apply(fn, value):
     return None if value is None else fn(value)
-
-
-def _chunk(value, n: int):
-    return None if value is None else value.chunk(n)
 
 
 def _unet_config(unet_or_config: Any) -> Any:

@@ -313,7 +313,7 @@ class DreamPainterPipeline(DiffusionPipeline):
         lora_scale: float = 1.0,
         fuse_lora: bool = True,
     ) -> DreamPainterPipeline:
-        """Build a pipeline from local public weights (SD inpainting, a CLIP image encoder, an IP-Adapter,
+        """Build a pipeline from local public weights (SD or SDXL inpainting, a CLIP image encoder, an IP-Adapter,
         optionally a LoRA) without the trainer; see :func:`dreampainter.pipelines.assembly.assemble_components`."""
         from dreampainter.pipelines.assembly import assemble_components
 

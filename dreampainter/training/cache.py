@@ -143,7 +143,7 @@ def encode_batch(batch: Mapping[str, Any], parts, adapter_config, device) -> dic
     }
     if text.pooled is not None:
         encoded["pooled_text_embeds"] = text.pooled.float()
-    time_ids = batch_time_ids(parts, batch, latent_size, batch["pixel_values"].shape[-1] // latent_size[-1])
+    time_ids = batch_time_ids(parts, batch)
     if time_ids is not None:
         encoded["time_ids"] = time_ids.to(device)
     if adapter_config is not None and adapter_config.decoupled:

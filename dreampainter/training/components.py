@@ -25,7 +25,7 @@ from dreampainter.models import (
     install_reference_adapter,
     load_adapter,
 )
-from dreampainter.models.backbones import Backbone, backbone_for_folder, backbone_for_unet
+from dreampainter.models.backbones import Backbone, backbone_for_folder, backbone_for_unet, backbone_named
 from dreampainter.training.config import EncoderBackend, TrainConfig
 
 SD_HINT = (
@@ -53,8 +53,6 @@ class TrainingComponents:
     def backbone(self) -> Backbone:
         if self.unet is not None:
             return backbone_for_unet(self.unet)
-        from dreampainter.models.backbones import backbone_named
-
         return backbone_named(self.backbone_name or "sd")
 
     def frozen_encoders(self) -> list[torch.nn.Module]:

@@ -44,7 +44,7 @@ def prepare_inputs(
     drop_text, drop_reference = drop_masks(batch, stage)
     text = select_text(encode_text(parts, batch["prompt"]), empty_embeds, drop_text)
     latent_size = tuple(latent_mean.shape[-2:])
-    time_ids = batch_time_ids(parts, batch, latent_size, batch["pixel_values"].shape[-1] // latent_size[-1])
+    time_ids = batch_time_ids(parts, batch)
     features = None
     if stage == 2 and parts.unet.reference_adapter_config.decoupled:  # in_context: no CLIP features
         with torch.no_grad():

@@ -85,11 +85,11 @@ def select_text(
     return text.where(drop_text, empty)
 
 
-def batch_time_ids(parts, batch: dict, latent_size: tuple[int, int], vae_factor: int) -> torch.Tensor | None:
+def batch_time_ids(parts, batch: dict) -> torch.Tensor | None:
     """SDXL's micro-conditioning for a loader batch: each photo's original size and crop (from the loader),
-    the training size as the target; ``None`` for backbones without it."""
-    target = (latent_size[0] * vae_factor, latent_size[1] * vae_factor)
-    rows = len(batch["prompt"]) if "prompt" in batch else batch["mask"].shape[0]
+    the training size (the batch's pixel size) as the target; ``None`` for backbones without it."""
+    rows, _, height, width = batch["pixel_values"].shape
+    target = (int(height), int(width))
     originals = [tuple(map(int, s)) for s in batch["original_size"]] if "original_size" in batch else [target] * rows
     crops = [tuple(map(int, c)) for c in batch["crop_top_left"]] if "crop_top_left" in batch else None
     return parts.backbone.time_ids(parts.unet, originals, target, crops)
